@@ -1,0 +1,116 @@
+"""The training flow: fetch → version → prepare → train → evaluate → promote → package.
+
+Thin by design: each task calls one step of the `mnist_mlops` library and passes paths,
+never arrays or models (Prefect hashes and pickles task inputs). The DVC stages do the
+ML work, so a run over unchanged data and params trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from mnist_mlops.config import Params, Paths, load_params
+from mnist_mlops.tracking import FLOW_RUN_ENV
+
+
+@task(name="fetch")
+def fetch(root: str, params: Params) -> dict:
+    """Download/load the source into data/ atomically (retried on failure)."""
+    from mnist_mlops.data import fetch as fetch_data
+
+    paths = Paths(Path(root))
+    result = fetch_data(params.data, paths.data, paths.cache)
+    get_run_logger().info("%s digits from %s (%s)", result.count, result.source,
+                          "data/ updated" if result.changed else "data/ unchanged")
+    return {"count": result.count, "source": result.source, "changed": result.changed}
+
+
+@task(name="version")
+def version(root: str) -> dict:
+    """dvc add data (+ dvc push when a remote is configured)."""
+    from mnist_mlops.versioning import version_data
+
+    paths = Paths(Path(root))
+    result = version_data(paths.root, paths.data, paths.data_dvc)
+    get_run_logger().info("data md5 %s%s%s", result.md5, " (new version)" if result.changed else "",
+                          ", pushed" if result.pushed else "")
+    return {"md5": result.md5, "changed": result.changed, "pushed": result.pushed}
+
+
+@task(name="stage")
+def stage(root: str, name: str) -> bool:
+    """One DVC stage; returns whether it ran (False: inputs unchanged, DVC skipped it)."""
+    from mnist_mlops.versioning import reproduce
+
+    ran = reproduce(Path(root), name)
+    get_run_logger().info("stage %s %s", name, "ran" if ran else "skipped: inputs unchanged")
+    return ran
+
+
+@task(name="promote")
+def promote(root: str, min_accuracy: float) -> dict:
+    """The champion gate on the version the evaluate stage registered."""
+    from mnist_mlops import registry
+    from mnist_mlops.tracking import setup_mlflow
+
+    paths = Paths(Path(root))
+    setup_mlflow(paths.root)
+    registered = json.loads(paths.registered.read_text())
+    x, y = registry.test_data(paths.prepared)
+    decision = registry.gate(registered["version"], x, y, min_accuracy)
+    get_run_logger().info("version %s %s: %s", decision.version,
+                          "promoted to champion" if decision.promoted else "not promoted", decision.reason)
+    return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
+            "run_id": registered["run_id"], "accuracy": registered.get("accuracy")}
+
+
+@task(name="package")
+def package(root: str) -> dict:
+    """Import the champion into the BentoML store and build its Bento (skipped if current)."""
+    from mnist_mlops.package import package_champion
+
+    result = package_champion(Path(root))
+    get_run_logger().info("bento %s (%s)", result["bento"], "built" if result["built"] else "up to date")
+    return result
+
+
+def summary_markdown(summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    return f"# MNIST training run\n\n| item | value |\n|---|---|\n{rows}\n"
+
+
+@flow(name="mnist-training", log_prints=True)
+def training_flow(root: str = ".", overrides: list[str] | None = None, package_bento: bool = True) -> dict:
+    """The whole pipeline. `overrides` are `section.key=value` strings already in params.yaml."""
+    root = str(Path(root).resolve())
+    params = load_params(Path(root), overrides)
+    os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
+
+    fetched = fetch.with_options(retries=params.data.retries,
+                                 retry_delay_seconds=params.data.retry_delay_seconds)(root, params)
+    versioned = version(root)
+    ran = {name: stage.with_options(name=name)(root, name) for name in ("prepare", "train", "evaluate")}
+    gate = promote(root, params.evaluate.min_accuracy)
+    summary = {
+        "data md5": versioned["md5"],
+        "data source": fetched["source"],
+        "digits": fetched["count"],
+        "trained": "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)",
+        "MLflow run id": gate["run_id"],
+        "model version": gate["version"],
+        "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
+        "promoted": "yes" if gate["promoted"] else "no",
+        "why": gate["reason"],
+    }
+    if package_bento and gate["promoted"]:
+        bento = package(root)
+        summary["bento"] = bento["bento"]
+    create_markdown_artifact(markdown=summary_markdown(summary), key="training-summary",
+                             description="summary of the training run")
+    return summary

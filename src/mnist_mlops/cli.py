@@ -1,0 +1,144 @@
+"""`mnist-mlops`: the command line. Each command is thin; the work lives in the step modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mnist_mlops.errors import UserError
+from mnist_mlops.tracking import quiet_env
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, track, promote and serve a ConvNet on MNIST.")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a parameter: section.key=value (repeatable).")]
+
+
+def _root() -> Path:
+    from mnist_mlops.config import project_root
+
+    return project_root()
+
+
+def print_summary(title: str, rows: dict) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(str(key), str(value))
+    console.print(table)
+
+
+@app.command()
+def run(
+    source: Annotated[Optional[str], typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
+    set_: SetOption = None,
+    package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
+) -> None:
+    """Run the whole pipeline: fetch, version, prepare, train, evaluate, promote, package."""
+    from mnist_mlops.config import Paths, load_params, tracking_uri, write_params
+    from mnist_mlops.locking import pipeline_lock
+
+    root = _root()
+    overrides = [*(set_ or []), *([f"data.source={source}"] if source else [])]
+    load_params(root, overrides)  # fail on bad params before any work
+    with pipeline_lock(Paths(root).lock):
+        changed = write_params(root, overrides)
+        if changed:
+            err_console.print(f"params.yaml updated: {', '.join(changed)}")
+        from pipelines.training import training_flow
+
+        summary = training_flow(root=str(root), package_bento=package)
+    summary["MLflow UI"] = f"mnist-mlops ui  (store: {tracking_uri(root)})"
+    print_summary("mnist-mlops run", summary)
+
+
+@app.command()
+def fetch(
+    source: Annotated[Optional[str], typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Fetch the data source into data/ (validated, written atomically) without training."""
+    from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.data import fetch as fetch_data
+
+    root = _root()
+    params = load_params(root, [*(set_ or []), *([f"data.source={source}"] if source else [])])
+    paths = Paths(root)
+    result = fetch_data(params.data, paths.data, paths.cache)
+    print_summary("mnist-mlops fetch", {"digits": result.count, "source": result.source,
+                                         "data/": "updated" if result.changed else "unchanged"})
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version of mnist-convnet.")],
+    force: Annotated[bool, typer.Option(help="Promote even below evaluate.min_accuracy.")] = False,
+) -> None:
+    """Make VERSION the champion by hand (refuses one below the accuracy floor unless --force)."""
+    from mnist_mlops import registry
+    from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.tracking import setup_mlflow
+
+    root = _root()
+    params = load_params(root)
+    setup_mlflow(root)
+    x, y = registry.test_data(Paths(root).prepared)
+    d = registry.promote(version, x, y, params.evaluate.min_accuracy, force=force)
+    print_summary("mnist-mlops promote", {"champion": f"v{d.version}", "previous": d.previous_champion or "none",
+                                           "test accuracy": f"{d.accuracy:.4f}" if d.accuracy is not None else "n/a",
+                                           "why": d.reason})
+
+
+@app.command()
+def rollback() -> None:
+    """Move the champion back to the version it replaced."""
+    from mnist_mlops import registry
+    from mnist_mlops.tracking import setup_mlflow
+
+    setup_mlflow(_root())
+    d = registry.rollback()
+    print_summary("mnist-mlops rollback", {"champion": f"v{d.version}", "was": f"v{d.previous_champion}"})
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI for the project's store (Ctrl-C stops it)."""
+    from mnist_mlops.config import tracking_uri
+
+    root = _root()
+    uri = tracking_uri(root)
+    if uri.startswith("http"):
+        raise UserError(f"MLFLOW_TRACKING_URI is a server ({uri}): open it in a browser instead")
+    console.print(f"MLflow UI on http://{host}:{port}  (store: {uri})")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(cmd, cwd=root))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:
+    """Console entry: user errors become one red line and exit code 2, never a traceback."""
+    quiet_env()
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Typed parameters (params.yaml) and project paths.
+
+Every tunable lives in params.yaml; this module is the only place that reads it, so a
+bad value stops the run before any work with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mnist_mlops.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+MODEL_NAME = "mnist-convnet"
+CHAMPION_ALIAS = "champion"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "sample"
+    mnist_url: str = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+    mnist_sha256: str = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+    sha256: str | None = None
+    retries: int = Field(2, ge=0, le=20)
+    retry_delay_seconds: float = Field(1.0, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_class_imbalance: float = Field(3.0, ge=1.0)
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'sample', 'mnist', or a path/URL")
+        return v.strip()
+
+
+class PrepareParams(_Section):
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 42
+
+
+class ModelParams(_Section):
+    filters: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=3)
+    convs_per_block: int = Field(2, ge=1, le=4)
+    dense_units: int = Field(128, ge=1)
+    dropout: float = Field(0.4, ge=0, lt=1)
+    batch_norm: bool = True
+    augment: bool = True
+
+    @field_validator("filters")
+    @classmethod
+    def _positive_filters(cls, v: list[int]) -> list[int]:
+        if any(f < 1 for f in v):
+            raise ValueError("every filter count must be at least 1")
+        return v
+
+
+class TrainParams(_Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1, le=8192)
+    learning_rate: float = Field(0.003, gt=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    seed: int = 42
+    deterministic: bool = True
+    jit_compile: bool = False
+
+
+class EvaluateParams(_Section):
+    min_accuracy: float = Field(0.95, ge=0, le=1)
+    misclassified_grid: int = Field(36, ge=0, le=400)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    prepare: PrepareParams = PrepareParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def flat(self) -> dict[str, object]:
+        """`section.key -> value`, the form MLflow params and --set use."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.model_dump().items()
+            for key, value in values.items()
+        }
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown parameter '{key}'"
+    got = err.get("input")
+    return f"invalid parameter '{key}': {err['msg'].lower()} (got {got!r})"
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, dict[str, object]]:
+    """Turn `["train.epochs=3"]` into `{"train": {"epochs": 3}}` (values parsed as YAML)."""
+    nested: dict[str, dict[str, object]] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise UserError(f"bad override '{pair}': expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overrides.items():
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise UserError(f"invalid parameter '{section}': must be a section")
+        target.update(values)
+    return merged
+
+
+def validate(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc)) from None
+
+
+def load_params(root: Path, overrides: list[str] | None = None) -> Params:
+    """Read and validate params.yaml under `root`, with `section.key=value` overrides."""
+    path = root / PARAMS_FILE
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project directory") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections")
+    return validate(_merge(raw, parse_overrides(overrides)))
+
+
+def write_params(root: Path, overrides: list[str] | None) -> list[str]:
+    """Persist `--set` overrides into params.yaml (comments kept), as `dvc exp run -S` does.
+
+    DVC stages read params.yaml, so an override must land there to reach them and to be
+    recorded in dvc.lock. The file is validated first and replaced atomically.
+    Returns the keys whose value changed.
+    """
+    from ruamel.yaml import YAML
+
+    nested = parse_overrides(overrides)
+    if not nested:
+        return []
+    load_params(root, overrides)  # validate the result before touching the file
+    path = root / PARAMS_FILE
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    changed = []
+    for section, values in nested.items():
+        for key, value in values.items():
+            if doc.setdefault(section, {}).get(key) != value:
+                doc[section][key] = value
+                changed.append(f"{section}.{key}={value}")
+    if changed:
+        tmp = path.with_suffix(".yaml.tmp")
+        with tmp.open("w") as fh:
+            rt.dump(doc, fh)
+        os.replace(tmp, path)
+    return changed
+
+
+class Paths:
+    """Where each step reads and writes, relative to the project root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.data = self.root / "data"
+        self.data_dvc = self.root / "data.dvc"
+        self.artifacts = self.root / "artifacts"
+        self.prepared = self.artifacts / "prepared"
+        self.model_dir = self.artifacts / "model"
+        self.model_file = self.model_dir / "model.keras"
+        self.train_run = self.model_dir / "run.json"
+        self.registered = self.artifacts / "registered.json"
+        self.reports = self.root / "reports"
+        self.metrics = self.reports / "metrics.json"
+        self.history = self.reports / "history.csv"
+        self.confusion = self.reports / "confusion.csv"
+        self.figures = self.reports / "figures"
+        self.lock = self.root / ".mnist-mlops.lock"
+        self.cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
+
+
+def project_root() -> Path:
+    """The project directory: $MNIST_MLOPS_ROOT, else the nearest parent holding params.yaml."""
+    env = os.environ.get("MNIST_MLOPS_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / PARAMS_FILE).exists():
+            return candidate
+    return here
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI`, else a sqlite store inside the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"

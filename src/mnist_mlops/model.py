@@ -1,0 +1,48 @@
+"""The ConvNet: a keras.Sequential built from a list of layers chosen by params.yaml."""
+
+from __future__ import annotations
+
+from mnist_mlops.config import ModelParams
+from mnist_mlops.preprocess import INPUT_SHAPE
+
+
+def conv_layers(params: ModelParams, seed: int) -> list:
+    """Conv2D(3×3) blocks, each closed by MaxPooling2D(2×2): 28 → 14 → 7 → 3."""
+    from keras import layers
+
+    stack: list = []
+    for filters in params.filters:
+        for _ in range(params.convs_per_block):
+            stack.append(layers.Conv2D(filters, (3, 3), padding="same", use_bias=not params.batch_norm,
+                                       activation=None if params.batch_norm else "relu"))
+            if params.batch_norm:
+                stack += [layers.BatchNormalization(momentum=0.9), layers.Activation("relu")]
+        stack.append(layers.MaxPooling2D((2, 2)))
+    return stack
+
+
+def augment_layers(seed: int) -> list:
+    """Small shifts, rotations and zooms: active in training, identity at inference."""
+    from keras import layers
+
+    return [
+        layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 1),
+        layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+    ]
+
+
+def build_model(params: ModelParams, seed: int = 42):
+    """Input 28×28×1 → [augment] → conv/pool blocks → dense → dropout → softmax over 10."""
+    import keras
+    from keras import layers
+
+    stack = [keras.Input(shape=INPUT_SHAPE)]
+    if params.augment:
+        stack += augment_layers(seed)
+    stack += conv_layers(params, seed)
+    stack += [layers.Flatten(), layers.Dense(params.dense_units, activation="relu")]
+    if params.dropout:
+        stack.append(layers.Dropout(params.dropout, seed=seed + 3))
+    stack.append(layers.Dense(10, activation="softmax"))
+    return keras.Sequential(stack, name="mnist_convnet")

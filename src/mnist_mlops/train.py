@@ -1,0 +1,146 @@
+"""Train: the ConvNet on mini-batches from a tf.data pipeline, one MLflow run per training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mnist_mlops.config import Params, Paths
+from mnist_mlops.prepare import load_split
+
+
+def make_deterministic(seed: int, deterministic: bool) -> None:
+    """Seeds everywhere; with op determinism two runs give identical metrics on one machine."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def pick_strategy():
+    """Several GPUs → MirroredStrategy, one GPU → that GPU, none → the default (CPU)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if len(gpus) == 1:
+        return tf.distribute.OneDeviceStrategy("/gpu:0")
+    return tf.distribute.get_strategy()
+
+
+def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None):
+    """In-memory tf.data: cached, shuffled per epoch with a fixed seed, prefetched."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).cache()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def compile_model(model, params: Params, steps_per_epoch: int) -> None:
+    import keras
+
+    lr = params.train.learning_rate
+    if params.train.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=params.train.epochs * steps_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=params.train.jit_compile)
+
+
+def epoch_callback(total_epochs: int, history_rows: list[dict]):
+    """Per-epoch (never per-batch) logging: console line + MLflow metrics."""
+    import keras
+    import mlflow
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self._start, **logs}
+            history_rows.append(row)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            console.print(
+                f"  epoch {epoch + 1:>3}/{total_epochs}  loss {logs.get('loss', 0):.4f}  "
+                f"acc {logs.get('accuracy', 0):.4f}  val_loss {logs.get('val_loss', 0):.4f}  "
+                f"val_acc {logs.get('val_accuracy', 0):.4f}  ({row['seconds']:.1f}s)"
+            )
+
+    return EpochLogger()
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_atomic(model, path: Path) -> None:
+    """Save to a temp file then rename: a crash mid-save never leaves a half model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fit(params: Params, paths: Paths, callbacks: list | None = None):
+    """Build and fit the ConvNet on the prepared splits; returns (model, history rows)."""
+    from mnist_mlops.model import build_model
+
+    make_deterministic(params.train.seed, params.train.deterministic)
+    train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
+    batch = params.train.batch_size
+    with pick_strategy().scope():
+        model = build_model(params.model, seed=params.train.seed)
+        compile_model(model, params, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
+    rows: list[dict] = []
+    model.fit(
+        dataset(train.x, train.y, batch, shuffle_seed=params.train.seed),
+        validation_data=dataset(val.x, val.y, batch, shuffle_seed=None),
+        epochs=params.train.epochs,
+        callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
+        verbose=0,
+    )
+    return model, rows
+
+
+def train(params: Params, paths: Paths) -> str:
+    """The `train` stage: fit, save the model and curves, log it all to a new MLflow run."""
+    import mlflow
+
+    from mnist_mlops.plots import learning_curves
+    from mnist_mlops.tracking import run_tags, setup_mlflow
+
+    setup_mlflow(paths.root)
+    with mlflow.start_run(tags=run_tags(paths, params.data.source)) as run:
+        mlflow.log_params(params.flat())
+        model, rows = fit(params, paths)
+        save_atomic(model, paths.model_file)
+        write_history(rows, paths.history)
+        figure = learning_curves(rows, paths.figures / "learning_curves.png")
+        mlflow.log_artifact(str(figure), "figures")
+        mlflow.log_artifact(str(paths.history), "reports")
+        info = {"run_id": run.info.run_id, "epochs": len(rows)}
+        paths.train_run.write_text(json.dumps(info, indent=2) + "\n")
+    return run.info.run_id

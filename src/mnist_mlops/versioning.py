@@ -1,0 +1,76 @@
+"""DVC: pin `data/` in data.dvc, push it when a remote is set, reproduce stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_mlops.errors import UserError
+
+
+@dataclass(frozen=True)
+class VersionResult:
+    md5: str
+    changed: bool
+    pushed: bool
+
+
+@contextmanager
+def dvc_repo(root: Path):
+    """A DVC repo whose stage commands use this interpreter (they run `python -m ...`)."""
+    from dvc.repo import Repo
+
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # DVC's "git add dvc.lock" hints repeat once per stage; the flow reports each step itself.
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    try:
+        repo = Repo(str(root))
+    except Exception as exc:  # noqa: BLE001 - dvc raises many kinds for "not a repo"
+        raise UserError(f"{root} is not a DVC project ({exc}): run `git init && dvc init`") from None
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def has_remote(repo) -> bool:
+    return bool(repo.config.get("remote"))
+
+
+def version_data(root: Path, data_dir: Path, data_dvc: Path) -> VersionResult:
+    """`dvc add data` (a no-op hash check when unchanged), then `dvc push` if a remote exists."""
+    from mnist_mlops.data import dvc_md5
+
+    before = dvc_md5(data_dvc)
+    with dvc_repo(root) as repo:
+        repo.add(str(data_dir.relative_to(root)))
+        md5 = dvc_md5(data_dvc) or "unknown"
+        pushed = False
+        if has_remote(repo):
+            repo.push(targets=[str(data_dvc.relative_to(root))])
+            pushed = True
+    return VersionResult(md5=md5, changed=md5 != before, pushed=pushed)
+
+
+def data_matches_pin(root: Path, data_dvc: Path) -> bool:
+    """True when `data/` on disk is what data.dvc pins (a hand-edited byte shows up here)."""
+    with dvc_repo(root) as repo:
+        status = repo.status(targets=[str(data_dvc.relative_to(root))])
+    return not status
+
+
+def reproduce(root: Path, stage: str) -> bool:
+    """`dvc repro -s STAGE`; returns True if the stage ran, False if DVC skipped it."""
+    with dvc_repo(root) as repo:
+        try:
+            ran = repo.reproduce(stage, single_item=True)
+        except Exception as exc:  # noqa: BLE001 - surface DVC's own one-line reason
+            raise UserError(f"stage '{stage}' failed: {str(exc).splitlines()[0]}") from None
+    return bool(ran)
