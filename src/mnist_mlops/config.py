@@ -54,7 +54,7 @@ class ModelParams(_Section):
     dense_units: int = Field(128, ge=1)
     dropout: float = Field(0.4, ge=0, lt=1)
     batch_norm: bool = True
-    augment: bool = True
+    augment: bool = False
 
     @field_validator("filters")
     @classmethod
