@@ -1,0 +1,152 @@
+"""The champion gate on a real MLflow registry (sqlite): every path a version can take.
+
+Models of known quality are made in seconds: a softmax regression fitted for a few
+epochs (good), the same fitted less (worse), an untrained one (below the floor) and one
+whose weights are NaN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_mlops import registry
+from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+from mnist_mlops.errors import UserError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from mnist_mlops.data import load_sample
+    from mnist_mlops.preprocess import normalize
+
+    d = load_sample()
+    order = np.random.default_rng(0).permutation(len(d.labels))  # the sample is sorted by digit
+    x, y = normalize(d.images)[order], d.labels[order].astype(np.int32)
+    return x[:4000], y[:4000], x[4000:], y[4000:]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment("gate-test")
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
+
+
+def softmax_model(x, y, epochs: int, nan: bool = False):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    if epochs:
+        model.fit(x, y, epochs=epochs, batch_size=128, verbose=0)
+    if nan:
+        model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    return model
+
+
+def register(model) -> str:
+    import mlflow
+
+    with mlflow.start_run():
+        info = mlflow.keras.log_model(model, name="model", registered_model_name=MODEL_NAME)
+    return str(info.registered_model_version)
+
+
+@pytest.fixture(scope="module")
+def models(digits):
+    x, y, _, _ = digits
+    return {"good": softmax_model(x, y, 4), "worse": softmax_model(x[:300], y[:300], 1),
+            "untrained": softmax_model(x, y, 0), "nan": softmax_model(x, y, 0, nan=True)}
+
+
+def tags(client, version: str) -> dict[str, str]:
+    return client.get_model_version(MODEL_NAME, version).tags
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)
+
+
+def test_first_better_worse_below_floor_nan(store, digits, models) -> None:
+    _, _, xt, yt = digits
+    worse = register(models["worse"])
+    d = registry.gate(worse, xt, yt, min_accuracy=0.5)
+    assert d.promoted and champion(store) == worse and "first model" in d.reason
+
+    good = register(models["good"])
+    d = registry.gate(good, xt, yt, min_accuracy=0.5)
+    assert d.promoted and champion(store) == good
+    assert d.accuracy > d.champion_accuracy  # the old champion was re-scored on the same data
+    assert tags(store, good)[registry.TAG_PREVIOUS] == worse
+
+    again = register(models["worse"])
+    d = registry.gate(again, xt, yt, min_accuracy=0.5)
+    assert not d.promoted and champion(store) == good
+    assert tags(store, again)[registry.TAG_DECISION] == "rejected"
+    assert "worse than champion" in tags(store, again)[registry.TAG_REASON]
+
+    low = register(models["untrained"])
+    d = registry.gate(low, xt, yt, min_accuracy=0.5)
+    assert not d.promoted and champion(store) == good and "below the floor" in d.reason
+
+    nan = register(models["nan"])
+    d = registry.gate(nan, xt, yt, min_accuracy=0.0)
+    assert not d.promoted and champion(store) == good and "NaN" in d.reason
+
+    # deciding twice changes nothing
+    assert not registry.gate(again, xt, yt, min_accuracy=0.5).promoted and champion(store) == good
+
+
+def test_champion_is_rescored_not_trusted(store, digits, models) -> None:
+    """A champion whose recorded metric is inflated loses to a better model on real data."""
+    _, _, xt, yt = digits
+    old = register(models["worse"])
+    registry.gate(old, xt, yt, 0.5)
+    store.set_model_version_tag(MODEL_NAME, old, "test_accuracy", "0.9999")
+    new = register(models["good"])
+    assert registry.gate(new, xt, yt, 0.5).promoted
+
+
+def test_first_model_below_floor_leaves_no_champion(store, digits, models) -> None:
+    _, _, xt, yt = digits
+    low = register(models["untrained"])
+    assert not registry.gate(low, xt, yt, 0.5).promoted
+    assert registry.champion_version() is None
+    with pytest.raises(UserError, match="no champion yet"):
+        registry.require_champion()
+
+
+def test_manual_promote_force_and_rollback(store, digits, models) -> None:
+    _, _, xt, yt = digits
+    good = register(models["good"])
+    registry.gate(good, xt, yt, 0.5)
+    low = register(models["untrained"])
+    with pytest.raises(UserError, match="below the floor.*--force"):
+        registry.promote(low, xt, yt, 0.5)
+    assert champion(store) == good
+    worse = register(models["worse"])
+    registry.promote(worse, xt, yt, 0.5)  # manual override of the "not worse" rule
+    assert champion(store) == worse
+    registry.promote(low, xt, yt, 0.5, force=True)
+    assert champion(store) == low and "forced" in tags(store, low)[registry.TAG_REASON]
+
+    assert registry.rollback().version == worse and champion(store) == worse
+    assert registry.rollback().version == good and champion(store) == good
+    with pytest.raises(UserError, match="nothing to roll back"):
+        registry.rollback()
+    with pytest.raises(UserError, match="has no version 99"):
+        registry.promote("99", xt, yt, 0.5)
