@@ -1,0 +1,147 @@
+"""End to end: the real flow (`mnist-mlops run`) on the sample, in a temp project copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import Project
+from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+
+pytestmark = pytest.mark.timeout(900)
+
+FIGURES = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png"}
+
+
+def versions(project: Project) -> list[str]:
+    client = project.mlflow_client()
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'"))
+
+
+def test_first_run_records_run_model_and_champion(trained_project: Project,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    client = trained_project.mlflow_client()
+    assert versions(trained_project) == ["1"]
+    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
+    assert str(champion.version) == "1"
+    run = client.get_run(champion.run_id)
+
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.params["model.filters"] == "[32, 64]"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1]
+    assert 0.5 <= run.data.metrics["test_accuracy"] <= 1.0
+    assert {f"f1_{d}" for d in range(10)} <= set(run.data.metrics)
+
+    pinned = yaml.safe_load((trained_project.root / "data.dvc").read_text())["outs"][0]["md5"]
+    head = trained_project.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert run.data.tags["data.md5"] == pinned
+    assert run.data.tags["data.source"] == "sample"
+    assert run.data.tags["git.commit"] == head
+    assert run.data.tags["prefect.flow_run_id"] not in ("", "none")
+
+    figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert FIGURES <= figures
+    import mlflow
+
+    trained_project.use_env(monkeypatch)
+    info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert "keras" in info.flavors
+
+    assert "promoted" in trained_project.first_run_output
+    # fetching the default data reproduced data.dvc byte for byte
+    assert trained_project.run("git", "status", "--porcelain", "data.dvc").stdout == ""
+
+
+def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> None:
+    repro = trained_project.run("dvc", "repro")
+    assert "up to date" in repro.stdout
+    metrics = trained_project.run("dvc", "metrics", "show", "--json").stdout
+    assert "test_accuracy" in metrics
+    out = tmp_path / "plots"
+    trained_project.run("dvc", "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    assert "val_accuracy" in html and "predicted" in html
+
+
+def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project) -> None:
+    client = trained_project.mlflow_client()
+    runs_before = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
+    proc = trained_project.cli("run")
+    out = proc.stdout + proc.stderr
+    assert "stage train skipped" in out and "stage evaluate skipped" in out
+    assert "no (DVC skipped" in out
+    assert versions(trained_project) == ["1"]
+    assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == runs_before
+
+
+def _copy(project: Project, dest: Path) -> Project:
+    shutil.copytree(project.root, dest, symlinks=True)
+    env = dict(project.env)
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{dest / 'mlflow.db'}", BENTOML_HOME=str(dest / ".bentoml"),
+               PREFECT_HOME=str(dest / ".prefect"), MNIST_MLOPS_ROOT=str(dest))
+    return Project(dest, env)
+
+
+def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project, tmp_path: Path) -> None:
+    copy = _copy(trained_project, tmp_path / "copy")
+    proc = copy.cli("run", "--no-package", "--set", "train.epochs=2")
+    out = proc.stdout + proc.stderr
+    assert "params.yaml updated: train.epochs=2" in out
+    assert "stage prepare skipped" in out
+    assert "stage train ran" in out and "stage evaluate ran" in out
+    assert versions(copy) == ["1", "2"]
+    history = copy.mlflow_client().get_metric_history(
+        copy.mlflow_client().get_model_version(MODEL_NAME, "2").run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_second_run_fails_fast_while_one_holds_the_lock(project: Project) -> None:
+    from mnist_mlops.config import Paths
+    from mnist_mlops.locking import pipeline_lock
+
+    with pipeline_lock(Paths(project.root).lock):
+        proc = project.cli("run", check=False)
+    assert proc.returncode == 2
+    assert "another pipeline run holds" in proc.stderr
+    assert not (project.root / "data").exists()
+
+
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    """Same data + params + machine → identical test metrics (seeds + op determinism)."""
+    from mnist_mlops.config import Paths, validate
+    from mnist_mlops.data import fetch
+    from mnist_mlops.evaluate import probabilities, score
+    from mnist_mlops.prepare import load_split, prepare
+
+    params = validate({"model": {"filters": [8], "convs_per_block": 1, "dense_units": 16},
+                       "train": {"epochs": 1}})
+    paths = Paths(tmp_path)
+    fetch(params.data, paths.data, tmp_path / "cache")
+    prepare(paths, params.prepare)
+    test = load_split(paths.prepared, "test")
+    from mnist_mlops.train import fit
+
+    scores, weights = [], []
+    for _ in range(2):
+        model, rows = fit(params, paths)
+        scores.append(score(probabilities(model, test.x), test.y))
+        weights.append(model.get_weights())
+        assert len(rows) == 1
+    assert scores[0] == scores[1]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_run_summary_written_for_dvc(trained_project: Project) -> None:
+    metrics = json.loads((trained_project.root / "reports" / "metrics.json").read_text())
+    registered = json.loads((trained_project.root / "artifacts" / "registered.json").read_text())
+    assert registered["version"] == "1"
+    assert metrics["test_accuracy"] == pytest.approx(registered["accuracy"])
+    assert set(metrics["per_class"]) >= {"precision_0", "recall_9", "f1_5"}
