@@ -144,8 +144,9 @@ def evaluate(params: Params, paths: Paths) -> dict:
                 "data.md5": run.data.tags.get("data.md5", "untracked")}
         version = log_and_register(model, test.x, probs, tags)
     summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
-               "finite_outputs": result.finite}
-    paths.metrics.write_text(json.dumps(summary | {"per_class": {k: round(v, 4) for k, v in metrics.items() if "_" in k and k.split("_")[-1].isdigit()}}, indent=2) + "\n")
+               "finite_outputs": result.finite,
+               "per_class": {k: round(v, 4) for k, v in metrics.items() if not k.startswith("test_")}}
+    paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     registered = {"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
     return registered
