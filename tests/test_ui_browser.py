@@ -1,0 +1,331 @@
+"""The drawing page `/ui/`, driven in a real headless Chromium against a real `mnist-mlops serve`.
+
+The session's trained project (one epoch, a champion and its Bento) is served on a free
+port; Selenium opens /ui/, draws a digit with mouse and touch strokes, chooses an image
+file, presses Predict and reads the result from the page. The page must show what the
+JSON API answers for the very same PNG (a drawing goes through the upload conversion),
+a bar per digit, and the champion's registered version.
+
+Chromium and chromedriver come from Debian (`apt-get install chromium chromium-driver`,
+done by .ci/run); without them these tests fail, they are never skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import BIN, Project, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+API_KEY = "ui-test-key-123"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+# ---- the service --------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
+        self.url, self.proc, self.log = url, proc, log
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def champion_version(project: Project) -> str:
+    return str(project.mlflow_client().get_model_version_by_alias("mnist-convnet", "champion").version)
+
+
+def serve_command(port: int) -> list[str]:
+    """`mnist-mlops serve`: the champion's Bento under `bentoml serve`, as a user starts it."""
+    return [str(BIN / "mnist-mlops"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
+@contextlib.contextmanager
+def serving(project: Project, workdir: Path, api_key: str | None = None):
+    """`mnist-mlops serve` on 127.0.0.1 and a free port, in its own process group, until the block ends."""
+    port = free_port()
+    log = workdir / "serve.log"
+    env = {**project.env, **({"MNIST_MLOPS_API_KEY": api_key} if api_key else {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(serve_command(port), cwd=project.root, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the service exited {proc.returncode} before it was ready:\n{srv.log_tail()}")
+            try:
+                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the service was not ready within 240 s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory):
+    """The service as it starts by default: no API key."""
+    with serving(trained_project, tmp_path_factory.mktemp("ui-server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def keyed_server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory):
+    """The service with $MNIST_MLOPS_API_KEY set: its APIs need the key, the page does not."""
+    with serving(trained_project, tmp_path_factory.mktemp("ui-keyed-server"), API_KEY) as srv:
+        yield srv
+
+
+# ---- the browser ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """Headless Debian Chromium through Selenium, with a fresh profile and console logs on."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: install them with "
+                    "`apt-get install chromium chromium-driver` (.ci/run does it)", pytrace=False)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                f"--user-data-dir={profile}", "--window-size=900,1200"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def open_page(driver, server: Server) -> None:
+    from selenium.webdriver.common.by import By
+
+    page = httpx.get(f"{server.url}/ui/", timeout=30)
+    assert page.status_code == 200 and "<canvas" in page.text, (
+        f"GET /ui/ answered {page.status_code}: the page must be served to anyone (a browser cannot send "
+        f"the API key when it opens a page; the key is typed into the page): {page.text[:300]}")
+    driver.get(f"{server.url}/ui/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get_log("browser")  # only this page's console messages count
+    driver.get(f"{server.url}/ui/")
+    assert driver.title, "the page has no title"
+    assert driver.find_element(By.ID, "canvas").is_displayed()
+
+
+def draw_seven(driver, pointer: str) -> None:
+    """A "7": a bar left to right, then a diagonal down-left, as one stroke."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.by import By
+
+    canvas = driver.find_element(By.ID, "canvas")
+    if pointer == "mouse":
+        chain = ActionChains(driver, duration=10)
+        chain.move_to_element_with_offset(canvas, -70, -90).click_and_hold()
+        for _ in range(7):
+            chain.move_by_offset(20, 0)
+        for _ in range(9):
+            chain.move_by_offset(-8, 20)
+        chain.release().perform()
+        return
+    # Touch: a finger (pointerType "touch") drawing the same stroke.
+    rect = driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return [r.left + r.width / 2, r.top + r.height / 2];", canvas)
+    cx, cy = rect
+    finger = PointerInput(interaction.POINTER_TOUCH, "finger")
+    builder = ActionBuilder(driver, mouse=finger, duration=10)
+    x, y = cx - 70, cy - 90
+    builder.pointer_action.move_to_location(int(x), int(y)).pointer_down()
+    for _ in range(7):
+        x += 20
+        builder.pointer_action.move_to_location(int(x), int(y))
+    for _ in range(9):
+        x, y = x - 8, y + 20
+        builder.pointer_action.move_to_location(int(x), int(y))
+    builder.pointer_action.pointer_up()
+    builder.perform()
+
+
+def press_predict_and_read(driver, server: Server) -> dict:
+    """Press Predict, wait for the answer (or fail with the page's error) and read it back."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.ID, "predict").click()
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_element(By.ID, "answer").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+    error = driver.find_element(By.ID, "error")
+    assert not error.is_displayed(), f"the page showed an error: {error.text}\n--- service log\n{server.log_tail()}"
+    bars = driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
+    return {
+        "digit": driver.find_element(By.ID, "digit").text.strip(),
+        "model_version": driver.find_element(By.ID, "model-version").text.strip(),
+        "confidence": driver.find_element(By.ID, "confidence").text.strip(),
+        "bars": [(b.get_attribute("data-digit"), float(b.get_attribute("data-probability")),
+                  b.find_element(By.CSS_SELECTOR, ".bar-fill").size["width"], "top" in b.get_attribute("class"))
+                 for b in bars],
+        "status": driver.find_element(By.ID, "status").text,
+    }
+
+
+def api_predict(server: Server, png: bytes, key: str | None = None) -> dict:
+    resp = httpx.post(f"{server.url}/predict_image", files={"image": ("digit.png", png, "image/png")},
+                      headers={"X-API-Key": key} if key else {}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def canvas_png(driver) -> bytes:
+    url = driver.execute_script("return document.getElementById('canvas').toDataURL('image/png')")
+    assert url.startswith("data:image/png;base64,")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def check_result(shown: dict, api: dict, champion: str) -> None:
+    assert shown["digit"] in [str(d) for d in range(10)], shown
+    assert shown["digit"] == str(api["digit"]), (shown, api)
+    assert shown["model_version"] == champion == str(api["model_version"]), (shown, api, champion)
+    assert [b[0] for b in shown["bars"]] == [str(d) for d in range(10)], "one bar per digit, 0 to 9"
+    probs = np.array([b[1] for b in shown["bars"]])
+    np.testing.assert_allclose(probs, api["probabilities"], atol=1e-4)
+    assert abs(probs.sum() - 1) < 1e-3
+    tops = [b[0] for b in shown["bars"] if b[3]]
+    assert tops == [shown["digit"]], "the predicted digit's bar is highlighted"
+    widths = {b[0]: b[2] for b in shown["bars"]}
+    assert widths[shown["digit"]] == max(widths.values()) > 0, "the tallest bar is the predicted digit's"
+    assert shown["confidence"].endswith("%")
+
+
+def save_screenshot(driver, path: Path) -> None:
+    assert driver.save_screenshot(str(path))
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", f"bad screenshot {path}"
+
+
+# ---- the tests ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pointer", ["mouse", "touch"])
+def test_draw_a_digit_and_predict(pointer: str, server: Server, browser, trained_project: Project,
+                                  tmp_path: Path) -> None:
+    from mnist_mlops.imaging import decode, to_mnist
+
+    open_page(browser, server)
+    assert console_errors(browser) == []
+    draw_seven(browser, pointer)
+    png = canvas_png(browser)
+
+    # The drawing reads as MNIST does: white ink centred on black after the upload conversion.
+    digit = to_mnist(decode(png))
+    assert digit.max() == 255 and digit[0].max() == 0 and digit[:, 0].max() == 0 and digit[:, -1].max() == 0
+    assert 0.05 < (digit > 127).mean() < 0.4, "dark strokes on white paper must become the digit's ink"
+
+    shown = press_predict_and_read(browser, server)
+    check_result(shown, api_predict(server, png), champion_version(trained_project))
+    assert "drawing" in shown["status"]
+    save_screenshot(browser, tmp_path / f"ui-{pointer}.png")
+    assert console_errors(browser) == []
+
+
+def test_choose_an_image_file_and_predict(server: Server, browser, trained_project: Project,
+                                          tmp_path: Path) -> None:
+    from PIL import Image, ImageDraw
+    from selenium.webdriver.common.by import By
+
+    # A photo-like upload: a dark "1" on light grey paper, bigger than the canvas.
+    img = Image.new("RGB", (400, 300), (225, 225, 220))
+    ImageDraw.Draw(img).line([(190, 40), (215, 30), (205, 260)], fill=(30, 30, 40), width=22)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path = tmp_path / "one.png"
+    path.write_bytes(buf.getvalue())
+
+    open_page(browser, server)
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    shown = press_predict_and_read(browser, server)
+    check_result(shown, api_predict(server, path.read_bytes()), champion_version(trained_project))
+    assert "chosen image" in shown["status"]
+    save_screenshot(browser, tmp_path / "ui-file.png")
+    assert console_errors(browser) == []
+
+
+def test_api_key_field(keyed_server: Server, browser, trained_project: Project) -> None:
+    """With a key configured the page still opens; Predict explains a 401, then works with the key."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, keyed_server)
+    draw_seven(browser, "mouse")
+    browser.find_element(By.ID, "predict").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 60).until(lambda d: error.is_displayed())
+    assert "API key" in error.text and "401" in error.text, error.text
+    assert browser.find_element(By.ID, "key-box").get_attribute("open") is not None, "the key field is shown"
+    assert not browser.find_element(By.ID, "answer").is_displayed()
+    # The failed request is the only console error (Chromium logs the 401 response).
+    assert all("401" in m for m in console_errors(browser))
+
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    shown = press_predict_and_read(browser, keyed_server)
+    check_result(shown, api_predict(keyed_server, canvas_png(browser), API_KEY), champion_version(trained_project))
+    champion = champion_version(trained_project)
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "served-model").text.endswith(f"version {champion}"))
+    assert console_errors(browser) == []
+
+
+def test_empty_canvas_asks_for_a_drawing(server: Server, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    browser.find_element(By.ID, "clear").click()
+    browser.find_element(By.ID, "predict").click()
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed() and "Draw a digit" in error.text
+    assert console_errors(browser) == []
