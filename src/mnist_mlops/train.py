@@ -64,7 +64,7 @@ def epoch_callback(total_epochs: int, history_rows: list[dict]):
     import mlflow
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
 
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -94,12 +94,20 @@ def write_history(rows: list[dict], path: Path) -> None:
 
 
 def save_atomic(model, path: Path) -> None:
-    """Save to a temp file then rename: a crash mid-save never leaves a half model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save to a temp file then rename: a crash mid-save never leaves a half model.
+
+    A failed write (disk full, read-only, no permission) leaves the previous model file
+    as it was, removes the temp file and is reported in one line.
+    """
+    from mnist_mlops.errors import UserError
+
     tmp = path.with_name(f".{path.stem}-{os.getpid()}.keras")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         model.save(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot save the model to {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -130,10 +138,13 @@ def train(params: Params, paths: Paths) -> str:
     import mlflow
 
     from mnist_mlops.plots import learning_curves
-    from mnist_mlops.tracking import run_tags, setup_mlflow
+    from mnist_mlops.tracking import PARENT_RUN_ENV, close_stale_runs, run_tags, setup_mlflow
 
     setup_mlflow(paths.root)
-    with mlflow.start_run(tags=run_tags(paths, params.data.source)) as run:
+    for stale in close_stale_runs():
+        print(f"train: MLflow run {stale} was left RUNNING by a killed training: marked KILLED")
+    parent = os.environ.get(PARENT_RUN_ENV) or None  # a sweep's child run (see sweep.py)
+    with mlflow.start_run(tags=run_tags(paths, params.data.source), parent_run_id=parent) as run:
         mlflow.log_params(params.flat())
         model, rows = fit(params, paths)
         save_atomic(model, paths.model_file)
