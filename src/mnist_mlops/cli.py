@@ -130,6 +130,80 @@ def ui(
         raise typer.Exit(0) from None
 
 
+@app.command()
+def package(
+    force: Annotated[bool, typer.Option(help="Rebuild even if the champion's Bento exists.")] = False,
+) -> None:
+    """Import the champion into the BentoML store and build its Bento (bentofile.yaml)."""
+    from mnist_mlops.package import package_champion
+
+    result = package_champion(_root(), force=force)
+    print_summary("mnist-mlops package", {"bento": result["bento"], "model": result["model"],
+                                           "champion": f"v{result['model_version']}", "MLflow run id": result["run_id"],
+                                           "built": "yes" if result["built"] else "no (up to date)"})
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port of the prediction service.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+) -> None:
+    """Serve the champion's Bento over HTTP (built first if missing; Ctrl-C stops it)."""
+    from mnist_mlops.package import champion_bento, package_champion
+
+    root = _root()
+    try:
+        tag = champion_bento(root)
+    except UserError as exc:
+        if not str(exc).startswith("no Bento"):
+            raise
+        err_console.print(f"{exc}; building it now")
+        tag = package_champion(root)["bento"]
+    console.print(f"serving {tag} on http://{host}:{port}  (docs: /, digits: POST /predict, /predict_image)")
+    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(cmd, cwd=root))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="PNG or JPEG digits.", exists=False)],
+    url: Annotated[str, typer.Option(help="The running service.")] = "http://127.0.0.1:3000",
+) -> None:
+    """Send images to a running service (`mnist-mlops serve`) and print what it sees."""
+    import httpx
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"no such file: {', '.join(missing)}")
+    headers = {"X-API-Key": key} if (key := os.environ.get("MNIST_MLOPS_API_KEY")) else {}
+    table = Table(title=f"mnist-mlops predict ({url})", title_justify="left")
+    for column in ("file", "digit", "confidence", "model version", "error"):
+        table.add_column(column)
+    failed = 0
+    with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
+        for path in files:
+            try:
+                resp = client.post("/predict_image", files={"image": (path.name, path.read_bytes())})
+            except httpx.HTTPError as exc:
+                raise UserError(f"no prediction service at {url} ({type(exc).__name__}): "
+                                "start one with `mnist-mlops serve`") from None
+            body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+            if resp.status_code == 200:
+                table.add_row(path.name, str(body["digit"]), f"{body['confidence']:.3f}", str(body["model_version"]), "")
+            else:
+                failed += 1
+                detail = body.get("detail") if isinstance(body, dict) else None
+                reason = (detail[0].get("msg") if isinstance(detail, list) and detail and isinstance(detail[0], dict)
+                          else body.get("error") if isinstance(body, dict) else None) or resp.text[:200]
+                table.add_row(path.name, "", "", "", f"{resp.status_code}: {reason}")
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry: user errors become one red line and exit code 2, never a traceback."""
     quiet_env()

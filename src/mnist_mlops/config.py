@@ -79,12 +79,26 @@ class EvaluateParams(_Section):
     misclassified_grid: int = Field(36, ge=0, le=400)
 
 
+class ServeParams(_Section):
+    """The BentoML service's limits (baked into the Bento as build arguments)."""
+
+    max_batch_size: int = Field(256, ge=1, le=8192)
+    max_latency_ms: int = Field(30000, ge=10)
+    max_images_per_request: int = Field(512, ge=1, le=8192)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(25_000_000, ge=784)
+    workers: int = Field(0, ge=0, le=64)
+    timeout_seconds: float = Field(60.0, gt=0)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    serve: ServeParams = ServeParams()
 
     def flat(self) -> dict[str, object]:
         """`section.key -> value`, the form MLflow params and --set use."""

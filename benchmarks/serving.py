@@ -1,0 +1,218 @@
+"""Serving benchmark: the champion's Bento vs `mlflow models serve` vs the same stack with a no-op model.
+
+One load generator for all (`wrk`, apt-get install wrk): 32 concurrent clients sending
+one-digit JSON requests for a fixed time, then 256-digit requests against the Bento,
+compared with batched inference in this process. Prints a table; not a test.
+
+    python benchmarks/serving.py [--project DIR] [--duration 20] [--connections 32]
+
+The project (default: $MNIST_MLOPS_ROOT or the current directory) must have a champion
+(`make run`); its Bento is built if missing. Targets (from the serving issue):
+(a) ≥ 15× (b) in req/s with 0 errors, (a) ≥ 0.8 × (c), p99 (a) ≤ p99 (b) / 5,
+256-digit requests ≥ 0.5 × in-process batched images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "BENTOML_DO_NOT_TRACK": "true",
+         "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+os.environ.update(QUIET)
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], ready_url: str, env: dict, log: Path, timeout: float = 300):
+    """Start a server in its own process group, wait for `ready_url`, always kill the group."""
+    import httpx
+
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{cmd[0]} exited {proc.returncode}: see {log}\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{ready_url} not ready after {timeout} s: see {log}")
+            time.sleep(0.5)
+        yield
+    finally:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _seconds(text: str) -> float:
+    value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def wrk(url: str, body: Path, script: Path, seconds: float, connections: int) -> dict:
+    """Run wrk; return req/s, p50/p99 latency (s) and errors (non-2xx + socket errors)."""
+    cmd = ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds:g}s",
+           "--timeout", "30s", "--latency", "-s", str(script), url]
+    out = subprocess.run(cmd, env={**os.environ, "WRK_BODY": str(body)}, capture_output=True, text=True,
+                         check=True, timeout=seconds + 60).stdout
+    pct = dict(re.findall(r"^\s+(50|99)\.000?%\s+(\S+)$", out, re.M))
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(map(int, m.groups()))
+    return {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),
+            "p50": _seconds(pct["50"]), "p99": _seconds(pct["99"]), "errors": errors,
+            "requests": int(re.search(r"(\d+) requests in", out).group(1))}
+
+
+def in_process_images_per_s(keras_file: str, batch: np.ndarray, seconds: float = 5.0) -> float:
+    """The model alone: compiled batched inference, as the service runs it, in this process."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(keras_file, safe_mode=True, compile=False)
+    forward = tf.function(lambda x: model(x, training=False),
+                          input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
+    forward(batch).numpy()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward(batch).numpy()
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, default=None, help="project dir (default: the current one)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per server")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    if args.project:
+        os.environ["MNIST_MLOPS_ROOT"] = str(args.project.resolve())
+
+    from mnist_mlops.config import MODEL_NAME, project_root, tracking_uri
+    from mnist_mlops.errors import UserError
+    from mnist_mlops.package import KERAS_FILE, package_champion
+    from mnist_mlops.preprocess import normalize
+
+    root = project_root()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
+    try:
+        packaged = package_champion(root)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    import bentoml
+
+    keras_file = bentoml.models.get(packaged["model"]).path_of(KERAS_FILE)
+    test_x = root / "artifacts" / "prepared" / "test_x.npy"
+    x = np.load(test_x) if test_x.exists() else np.random.default_rng(0).random((1000, 28, 28, 1), np.float32)
+    digits = np.rint(x[..., 0] * 255).astype(np.uint8)  # raw 0–255 pixels, the compact JSON form
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    script = tmp / "post.lua"
+    script.write_text(LUA)
+    one = tmp / "one.json"
+    one.write_text(json.dumps({"images": digits[0].tolist()}))
+    many = tmp / "many.json"
+    many.write_text(json.dumps({"images": digits[np.arange(256) % len(digits)].tolist()}))
+    one_mlflow = tmp / "one-mlflow.json"
+    one_mlflow.write_text(json.dumps({"inputs": normalize(digits[:1]).tolist()}))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    results: dict[str, dict] = {}
+    c = args.connections
+
+    def bento(name: str, extra_env: dict) -> None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(BIN / "bentoml"), "serve", packaged["bento"], "--host", "127.0.0.1", "--port", str(port)]
+        with server(cmd, f"{url}/readyz", {**env, **extra_env}, tmp / f"{name}.log"):
+            wrk(f"{url}/predict", one, script, 3, c)  # warm-up: the batcher calibrates itself
+            results[name] = wrk(f"{url}/predict", one, script, args.duration, c)
+            if name == "a":
+                big = wrk(f"{url}/predict", many, script, max(5.0, args.duration / 2), 4)
+                results["a256"] = big | {"images_per_s": big["rps"] * 256}
+
+    print(f"bento {packaged['bento']}  ({args.duration:g} s of load per server, {c} clients, wrk)", flush=True)
+    bento("a", {})
+    bento("c", {"MNIST_MLOPS_NOOP_MODEL": "1"})
+    if not args.skip_mlflow:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}/{packaged['model_version']}",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+        with server(cmd, f"{url}/ping", env, tmp / "mlflow.log"):
+            wrk(f"{url}/invocations", one_mlflow, script, 3, c)
+            results["b"] = wrk(f"{url}/invocations", one_mlflow, script, args.duration, c)
+    batch = normalize(digits[np.arange(256) % len(digits)])
+    inproc = in_process_images_per_s(keras_file, batch)
+
+    names = {"a": "(a) BentoML service (this)", "b": "(b) mlflow models serve",
+             "c": "(c) same stack, no-op model"}
+    print(f"\n{'server (1 digit/request)':<32} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9}")
+    for key in ("a", "b", "c"):
+        if key in results:
+            r = results[key]
+            print(f"{names[key]:<32} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
+                  f"{r['errors']:>7} {r['requests']:>9}")
+    a, c_ = results["a"], results["c"]
+    big = results["a256"]
+    print(f"\n{'256 digits/request (4 clients)':<32} {'images/s':>9}")
+    print(f"{'(a) BentoML service':<32} {big['images_per_s']:>9.0f}   (errors {big['errors']}, p99 {big['p99'] * 1e3:.0f} ms)")
+    print(f"{'in-process batched inference':<32} {inproc:>9.0f}")
+
+    def check(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    print("\nratio                               value   target")
+    if "b" in results:
+        b = results["b"]
+        print(f"(a)/(b) throughput               {a['rps'] / b['rps']:>8.1f}×   ≥ 15×, 0 errors: "
+              f"{check(a['rps'] >= 15 * b['rps'] and a['errors'] == 0)}")
+        print(f"p99 (b)/(a)                      {b['p99'] / a['p99']:>8.1f}×   ≥ 5×: {check(b['p99'] >= 5 * a['p99'])}")
+    print(f"(a)/(c) throughput               {a['rps'] / c_['rps']:>8.2f}    ≥ 0.8: {check(a['rps'] >= 0.8 * c_['rps'])}")
+    print(f"256-digit requests / in-process  {big['images_per_s'] / inproc:>8.2f}    ≥ 0.5: "
+          f"{check(big['images_per_s'] >= 0.5 * inproc)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Real images → MNIST-style digits: the classic MNIST normalisation, shared by uploads and drawings.
+
+MNIST digits are white strokes on black, size-normalised to fit a 20×20 box (aspect ratio
+kept) and centred by centre of mass in a 28×28 frame. A photo or a drawing is turned
+into the same thing here, and then goes through `mnist_mlops.preprocess.normalize`,
+the function training uses, so the model sees served images exactly as it saw its data.
+
+Pillow + numpy only (no TensorFlow): cheap to import and safe to run in any process.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from mnist_mlops.preprocess import normalize
+
+BOX = 20  # the digit is scaled to fit BOX×BOX ...
+SIZE = 28  # ... and centred in SIZE×SIZE
+DEFAULT_MAX_PIXELS = 25_000_000  # decoded width × height above which an image is refused
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+FORMATS = ("PNG", "JPEG")
+
+
+class ImageError(ValueError):
+    """The bytes are not a usable PNG/JPEG digit; the message says why, in one line."""
+
+
+class ImageTooLarge(ImageError):
+    """The image (bytes or decoded pixels) is over the configured limit."""
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """PNG/JPEG bytes → float32 H×W grayscale in [0, 1] (alpha composited on white).
+
+    Refuses non-images, other formats, truncated files and images over `max_pixels`
+    *before* decoding the pixel data (no decompression bombs).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("empty image file")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image file is {len(data)} bytes: at most {max_bytes} allowed")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"image is {width}×{height} pixels: at most {max_pixels} pixels allowed")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(f"image is too large to decode: at most {max_pixels} pixels allowed") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise ImageError(f"corrupt or truncated image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if width < 1 or height < 1:
+        raise ImageError("image has no pixels")
+    return to_grayscale(img)
+
+
+def to_grayscale(img) -> np.ndarray:
+    """A PIL image of any mode → float32 H×W in [0, 1]; transparency becomes white paper."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    gray = img.convert("L")
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """Grayscale H×W (floats in [0, 1] or uint8) → uint8 28×28, MNIST-style.
+
+    1. light-on-dark: inverted when the background (the border) is lighter than the middle
+       of the value range, so dark-on-light ink becomes white-on-black like MNIST;
+    2. cropped to the bounding box of the ink;
+    3. scaled (antialiased) so the longer side is 20 pixels, aspect ratio kept;
+    4. placed in 28×28 so that its centre of mass is at the centre (whole pixels), and
+       stretched so the strongest stroke is 255.
+    A blank image gives a blank 28×28 digit.
+    """
+    from PIL import Image
+
+    g = np.asarray(gray)
+    if g.ndim != 2:
+        raise ImageError(f"expected a 2-D grayscale image, got shape {g.shape}")
+    g = g.astype(np.float32) / 255.0 if np.issubdtype(g.dtype, np.integer) else g.astype(np.float32)
+    g = np.clip(np.nan_to_num(g, nan=0.0), 0.0, 1.0)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if float(np.median(border)) > 0.5:
+        g, border = 1.0 - g, 1.0 - border
+    # Ink: anything clearly above the background level (robust to grey paper / JPEG noise).
+    ink = g - float(np.median(border))
+    ink[ink < 0.1] = 0.0
+    if not ink.any():
+        return np.zeros((SIZE, SIZE), np.uint8)
+    ink = ink / ink.max()
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = Image.fromarray((crop * 255).astype(np.uint8)).resize((nw, nh), Image.Resampling.LANCZOS)
+    digit = np.asarray(resized, dtype=np.float32)
+    # Centre of mass to the frame's centre (as the original MNIST preparation did).
+    total = digit.sum()
+    cy, cx = ((np.indices(digit.shape) * digit).reshape(2, -1).sum(axis=1) / total) if total else (nh / 2, nw / 2)
+    top = int(round(SIZE / 2 - cy))
+    left = int(round(SIZE / 2 - cx))
+    top = min(max(top, 0), SIZE - nh)
+    left = min(max(left, 0), SIZE - nw)
+    out = np.zeros((SIZE, SIZE), np.float32)
+    out[top : top + nh, left : left + nw] = digit
+    if out.max() > 0:
+        out *= 255.0 / out.max()  # full-contrast strokes, like MNIST's
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def image_to_input(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """PNG/JPEG bytes → the model's input: float32 1×28×28×1 via the training normalisation."""
+    return normalize(to_mnist(decode(data, max_pixels, max_bytes)))

@@ -1,0 +1,126 @@
+"""Package: the MLflow champion → the BentoML model store → a Bento built by bentofile.yaml.
+
+The BentoML model and the Bento are both tagged `v<registered version>-<run id prefix>`,
+so the tag alone says which champion a Bento serves, a Bento is built once per champion,
+and two projects sharing one `BENTOML_HOME` never mix their models up. The `serve`
+section of params.yaml is baked into the Bento as build arguments (`bentoml.use_arguments`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME, load_params
+from mnist_mlops.errors import UserError
+
+BENTO_NAME = "mnist-classifier"
+BENTOFILE = "bentofile.yaml"
+MLFLOW_FOLDER = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
+KERAS_FILE = f"{MLFLOW_FOLDER}/data/model.keras"  # the mlflow.keras flavor's file inside it
+
+
+def champion_info(root: Path) -> dict:
+    """The champion's registered version, run id, data md5 and test accuracy (UserError if none)."""
+    from mnist_mlops import registry
+    from mnist_mlops.tracking import setup_mlflow
+
+    setup_mlflow(root)
+    version = registry.require_champion()
+    mv = registry.get_version(version)
+    return {
+        "model_name": MODEL_NAME,
+        "model_version": str(mv.version),
+        "run_id": mv.run_id,
+        "data_md5": mv.tags.get("data.md5", "unknown"),
+        "test_accuracy": float(mv.tags["test_accuracy"]) if "test_accuracy" in mv.tags else None,
+        "alias": CHAMPION_ALIAS,
+    }
+
+
+def tag_version(info: dict) -> str:
+    return f"v{info['model_version']}-{info['run_id'][:12]}"
+
+
+def model_tag(info: dict) -> str:
+    return f"{MODEL_NAME}:{tag_version(info)}"
+
+
+def bento_tag(info: dict) -> str:
+    return f"{BENTO_NAME}:{tag_version(info)}"
+
+
+def _exists(getter, tag: str) -> bool:
+    from bentoml.exceptions import NotFound
+
+    try:
+        getter(tag)
+    except NotFound:
+        return False
+    return True
+
+
+def import_champion(info: dict):
+    """Copy the champion from MLflow into the BentoML model store (once per tag)."""
+    import bentoml
+
+    tag = model_tag(info)
+    if _exists(bentoml.models.get, tag):
+        return bentoml.models.get(tag)
+    metadata = {k: v for k, v in info.items() if v is not None}
+    return bentoml.mlflow.import_model(
+        tag,
+        model_uri=f"models:/{MODEL_NAME}/{info['model_version']}",
+        labels={"mlflow_model": MODEL_NAME, "mlflow_version": info["model_version"], "stage": "champion"},
+        metadata=metadata,
+    )
+
+
+def build_args(root: Path, info: dict) -> dict:
+    """The Bento's build arguments: the model tag and the `serve` section of params.yaml."""
+    return {"model": model_tag(info), **load_params(root).serve.model_dump()}
+
+
+def package_champion(root: Path, force: bool = False) -> dict:
+    """Import the champion into the BentoML store and build its Bento, unless it exists already.
+
+    Returns {"bento": tag, "built": bool, "model": BentoML model tag, "model_version", "run_id"}.
+    """
+    import bentoml
+
+    root = Path(root).resolve()
+    info = champion_info(root)
+    tag = bento_tag(info)
+    result = {"bento": tag, "built": False, "model": model_tag(info),
+              "model_version": info["model_version"], "run_id": info["run_id"]}
+    if not force and _exists(bentoml.get, tag):
+        return result
+    bentofile = root / BENTOFILE
+    if not bentofile.exists():
+        raise UserError(f"{bentofile} not found: run from the project directory")
+    import_champion(info)
+    if force and _exists(bentoml.get, tag):
+        bentoml.delete(tag)
+    prev = os.getcwd()
+    try:
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile), build_ctx=str(root / "src"), version=tag_version(info), reload=True,
+            labels={"mlflow_model": MODEL_NAME, "mlflow_version": info["model_version"],
+                    "mlflow_run_id": info["run_id"]},
+            args=build_args(root, info),
+        )
+    finally:
+        os.chdir(prev)  # the build imports the service from its context directory
+    result.update(bento=str(bento.tag), built=True)
+    return result
+
+
+def champion_bento(root: Path) -> str:
+    """The tag of the current champion's Bento (UserError when none is built yet)."""
+    import bentoml
+
+    info = champion_info(Path(root).resolve())
+    tag = bento_tag(info)
+    if not _exists(bentoml.get, tag):
+        raise UserError(f"no Bento for champion v{info['model_version']} yet: run `mnist-mlops package`")
+    return tag
