@@ -92,7 +92,9 @@ def wrk(url: str, body: Path, script: Path, seconds: float, connections: int) ->
            "--timeout", "30s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, env={**os.environ, "WRK_BODY": str(body)}, capture_output=True, text=True,
                          check=True, timeout=seconds + 60).stdout
-    pct = dict(re.findall(r"^\s+(50|99)\.000?%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)\s*$", out, re.M))
+    if "50" not in pct or "99" not in pct:
+        raise SystemExit(f"unexpected wrk output:\n{out}")
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(map(int, m.groups()))
