@@ -41,7 +41,7 @@ logger = logging.getLogger("mnist_mlops.service")
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"
-OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics", "/ui")  # never behind the API key (the page asks for it)
+OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics", "/ui")  # open even with an API key
 FILE_FIELDS = {"/predict_image": {"image"}}  # multipart file fields each endpoint takes
 # Benchmarks only: answer without running the model, to measure the HTTP stack's ceiling.
 NOOP_MODEL = os.environ.get("MNIST_MLOPS_NOOP_MODEL") == "1"
