@@ -8,6 +8,7 @@ ML work, so a run over unchanged data and params trains nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +17,54 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Params, Paths, load_params
+from mnist_mlops.errors import UserError
 from mnist_mlops.tracking import FLOW_RUN_ENV
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """A UserError is already one clear line: the console shows it without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Applied to Prefect's console handler only; the API log keeps the full record."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _UserErrorWithoutTraceback) for f in handler.filters):
+            handler.addFilter(_UserErrorWithoutTraceback())
+
+
+# An unreachable MLflow server fails the run here, before anything local is written.
+TRACKING_RETRIES = 2
+TRACKING_RETRY_DELAY_SECONDS = 2.0
+
+
+@task(name="check-tracking")
+def check_tracking(root: str) -> str:
+    """Reach the MLflow store first (retried): a run that cannot record fails before any work."""
+    from mnist_mlops.tracking import quiet_env, setup_mlflow
+
+    quiet_env()  # bounded MLflow HTTP retries/timeouts, however the flow was started
+    return setup_mlflow(Path(root))
+
+
+@task(name="check-data")
+def check_data(root: str) -> str | None:
+    """Compare data/ with its data.dvc pin before fetch rewrites it: a hand edit is reported."""
+    from mnist_mlops.versioning import data_drift
+
+    paths = Paths(Path(root))
+    drift = data_drift(paths.root, paths.data, paths.data_dvc)
+    if drift:
+        get_run_logger().warning("%s: data/ was changed outside the pipeline; fetch restores it "
+                                 "from the source", drift)
+    return drift
 
 
 @task(name="fetch")
@@ -88,10 +136,14 @@ def summary_markdown(summary: dict) -> str:
 @flow(name="mnist-training", log_prints=True)
 def training_flow(root: str = ".", overrides: list[str] | None = None, package_bento: bool = True) -> dict:
     """The whole pipeline. `overrides` are `section.key=value` strings already in params.yaml."""
+    quiet_user_error_tracebacks()
     root = str(Path(root).resolve())
     params = load_params(Path(root), overrides)
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
 
+    check_tracking.with_options(retries=TRACKING_RETRIES,
+                                retry_delay_seconds=TRACKING_RETRY_DELAY_SECONDS)(root)
+    drift = check_data(root)
     fetched = fetch.with_options(retries=params.data.retries,
                                  retry_delay_seconds=params.data.retry_delay_seconds)(root, params)
     versioned = version(root)
@@ -101,6 +153,7 @@ def training_flow(root: str = ".", overrides: list[str] | None = None, package_b
         "data md5": versioned["md5"],
         "data source": fetched["source"],
         "digits": fetched["count"],
+        **({"data check": f"{drift}: restored from the source"} if drift else {}),
         "trained": "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)",
         "MLflow run id": gate["run_id"],
         "model version": gate["version"],

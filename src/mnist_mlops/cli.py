@@ -80,6 +80,25 @@ def fetch(
 
 
 @app.command()
+def verify() -> None:
+    """Check that data/ is what data.dvc pins: a hand-edited or corrupt file is reported (exit 2)."""
+    from mnist_mlops.config import Paths
+    from mnist_mlops.data import dvc_md5
+    from mnist_mlops.versioning import data_drift
+
+    paths = Paths(_root())
+    pinned = dvc_md5(paths.data_dvc)
+    if pinned is None:
+        raise UserError(f"no pin in {paths.data_dvc}: run `mnist-mlops run` first")
+    if not paths.data.is_dir():
+        raise UserError(f"no {paths.data}: run `mnist-mlops fetch` or `dvc checkout data.dvc`")
+    drift = data_drift(paths.root, paths.data, paths.data_dvc)
+    if drift:
+        raise UserError(f"{drift}: restore it with `mnist-mlops fetch` or `dvc checkout --force data.dvc`")
+    print_summary("mnist-mlops verify", {"data/": "matches data.dvc", "md5": pinned})
+
+
+@app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="Registered version of mnist-convnet.")],
     force: Annotated[bool, typer.Option(help="Promote even below evaluate.min_accuracy.")] = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from mnist_mlops.errors import UserError
 
 EXPERIMENT = MODEL_NAME
 FLOW_RUN_ENV = "MNIST_MLOPS_FLOW_RUN_ID"
+# Set by a sweep: the training run becomes a nested child of this (active) MLflow run.
+PARENT_RUN_ENV = "MNIST_MLOPS_PARENT_RUN_ID"
+# Which process runs a training: a run left RUNNING by a dead process is closed as KILLED.
+TAG_HOST = "process.host"
+TAG_PID = "process.pid"
 
 
 def quiet_env() -> None:
@@ -23,6 +29,13 @@ def quiet_env() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "GIT_PYTHON_REFRESH": "quiet",
+        # MLflow's HTTP client retries for ~4 minutes by default (7 retries, backoff 2): an
+        # unreachable server should fail the run in seconds; the flow retries the check itself.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        # Prefect's temporary server gets 20 s to start: a loaded machine needs more.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -37,8 +50,50 @@ def setup_mlflow(root: Path) -> str:
     try:
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        raise UserError(f"MLflow tracking server {uri} unreachable: {first_line(exc)}") from None
+        raise UserError(f"MLflow tracking server {uri} unreachable ({reason(exc)}): start it or "
+                        "fix MLFLOW_TRACKING_URI") from None
     return uri
+
+
+def reason(exc: BaseException) -> str:
+    """The cause of a failed MLflow call in a few words (its own message is a page long)."""
+    text = str(exc)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"),
+                          ("Max retries exceeded", "no answer after retries")):
+        if needle in text:
+            return short
+    return first_line(exc)
+
+
+def close_stale_runs() -> list[str]:
+    """Mark KILLED the runs a killed training left RUNNING (same host, process gone).
+
+    Only runs this machine started are touched, and only when the process that started
+    them is dead, so runs of other machines sharing a tracking server are left alone.
+    """
+    import mlflow
+    import psutil
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    closed = []
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=200)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+            continue
+        pid = int(tags[TAG_PID])
+        try:
+            alive = psutil.Process(pid).create_time() * 1000 <= run.info.start_time + 1000
+        except psutil.Error:
+            alive = False
+        if not alive:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def first_line(exc: BaseException) -> str:
@@ -64,4 +119,6 @@ def run_tags(paths: Paths, source: str) -> dict[str, str]:
         "data.source": source,
         "git.commit": git_commit(paths.root),
         "prefect.flow_run_id": os.environ.get(FLOW_RUN_ENV, "none"),
+        TAG_HOST: socket.gethostname(),
+        TAG_PID: str(os.getpid()),
     }

@@ -60,10 +60,45 @@ def version_data(root: Path, data_dir: Path, data_dvc: Path) -> VersionResult:
 
 
 def data_matches_pin(root: Path, data_dvc: Path) -> bool:
-    """True when `data/` on disk is what data.dvc pins (a hand-edited byte shows up here)."""
+    """True when `data/` on disk is what data.dvc pins (a hand-edited byte shows up here).
+
+    Only the workspace is compared with the pin: data absent from the DVC cache (a fresh
+    clone) is not a mismatch, unlike in `dvc status`.
+    """
     with dvc_repo(root) as repo:
-        status = repo.status(targets=[str(data_dvc.relative_to(root))])
-    return not status
+        stages = repo.stage.collect(str(data_dvc.resolve()))
+        return not any(out.workspace_status() for stage in stages for out in stage.outs)
+
+
+def data_drift(root: Path, data_dir: Path, data_dvc: Path) -> str | None:
+    """How `data/` differs from what data.dvc pins (e.g. a hand-edited byte), else None.
+
+    None also when there is nothing to compare yet: no data.dvc pin, or no data/ fetched.
+    """
+    import hashlib
+    import json
+
+    from mnist_mlops.data import dvc_md5
+
+    pinned = dvc_md5(data_dvc)
+    if pinned is None or not data_dir.is_dir() or data_matches_pin(root, data_dvc):
+        return None
+    # Name the files: the pin's per-file md5s are in DVC's .dir manifest when it is cached.
+    try:
+        with dvc_repo(root) as repo:
+            manifest = Path(repo.cache.local.oid_to_path(pinned))
+        entries = {e["relpath"]: e["md5"] for e in json.loads(manifest.read_text())}
+    except Exception:  # noqa: BLE001 - no cache (fresh clone): report without file names
+        return f"{data_dir.name}/ does not match {data_dvc.name} (content differs from the pinned md5 {pinned})"
+    on_disk = {p.relative_to(data_dir).as_posix(): p for p in data_dir.rglob("*") if p.is_file()}
+    changed = sorted(name for name, md5 in entries.items()
+                     if name in on_disk and hashlib.md5(on_disk[name].read_bytes()).hexdigest() != md5)
+    missing = sorted(set(entries) - set(on_disk))
+    extra = sorted(set(on_disk) - set(entries))
+    parts = [f"{label} {', '.join(names)}" for label, names in
+             (("modified", changed), ("missing", missing), ("unexpected", extra)) if names]
+    detail = "; ".join(parts) or "contents differ"
+    return f"{data_dir.name}/ does not match {data_dvc.name} ({detail})"
 
 
 def reproduce(root: Path, stage: str) -> bool:
