@@ -52,12 +52,16 @@ def run(
     overrides = [*(set_ or []), *([f"data.source={source}"] if source else [])]
     load_params(root, overrides)  # fail on bad params before any work
     with pipeline_lock(Paths(root).lock):
+        from mnist_mlops import prefect_server
+
+        server = prefect_server.start()  # boots in parallel with the imports below
         changed = write_params(root, overrides)
         if changed:
             err_console.print(f"params.yaml updated: {', '.join(changed)}")
         from pipelines.training import training_flow
 
-        summary = training_flow(root=str(root), package_bento=package)
+        with prefect_server.api(server):
+            summary = training_flow(root=str(root), package_bento=package)
     summary["MLflow UI"] = f"mnist-mlops ui  (store: {tracking_uri(root)})"
     print_summary("mnist-mlops run", summary)
 
