@@ -135,11 +135,24 @@ def summary_markdown(summary: dict) -> str:
 
 
 @flow(name="mnist-training", log_prints=True)
-def training_flow(root: str = ".", overrides: list[str] | None = None, package_bento: bool = True) -> dict:
-    """The whole pipeline. `overrides` are `section.key=value` strings already in params.yaml."""
+def training_flow(root: str = ".", overrides: list[str] | None = None, package_bento: bool = True,
+                  lock_wait_seconds: float = 0) -> dict:
+    """The whole pipeline. `overrides` are `section.key=value` strings already in params.yaml.
+
+    Holds the project's pipeline lock for the whole run, however the run was started (CLI,
+    schedule, worker): a second run fails fast, or waits up to `lock_wait_seconds`.
+    """
+    from mnist_mlops.locking import pipeline_lock
+
     quiet_user_error_tracebacks()
     root = str(Path(root).resolve())
     params = load_params(Path(root), overrides)
+    with pipeline_lock(Paths(Path(root)).lock, wait_seconds=lock_wait_seconds):
+        return run_pipeline(root, params, package_bento)
+
+
+def run_pipeline(root: str, params: Params, package_bento: bool) -> dict:
+    """The flow's body, run under the pipeline lock (call it only inside a flow)."""
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
 
     check_tracking.with_options(retries=TRACKING_RETRIES,

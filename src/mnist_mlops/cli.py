@@ -62,7 +62,8 @@ def run(
 
         with prefect_server.api(server):
             summary = training_flow(root=str(root), package_bento=package)
-    summary["MLflow UI"] = f"mnist-mlops ui  (store: {tracking_uri(root)})"
+    uri = tracking_uri(root)
+    summary["MLflow UI"] = uri if uri.startswith("http") else f"mnist-mlops ui  (store: {uri})"
     print_summary("mnist-mlops run", summary)
 
 
@@ -225,6 +226,103 @@ def predict(
     console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 daily).')] = None,
+    interval: Annotated[Optional[float], typer.Option(help="Run every SECONDS instead of a cron schedule.")] = None,
+    timezone: Annotated[Optional[str], typer.Option(help="Time zone of the cron schedule (default UTC).")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name: mnist-training/NAME.")] = "scheduled",
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
+    package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
+    lock_wait: Annotated[float, typer.Option(help="Seconds a scheduled run waits for another run to finish.")] = 600,
+) -> None:
+    """Run the training flow on a schedule on a Prefect server until Ctrl-C.
+
+    Uses the server at PREFECT_API_URL, else starts `prefect server start` on 127.0.0.1.
+    """
+    import signal
+
+    from mnist_mlops.config import load_params
+    from mnist_mlops.scheduling import prefect_api
+
+    if (cron is None) == (interval is None):
+        raise UserError("give exactly one of --cron or --interval")
+    if interval is not None and interval <= 0:
+        raise UserError(f"--interval must be a positive number of seconds (got {interval:g})")
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron, timezone=timezone)
+        except ValueError as exc:
+            msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+            raise UserError(f"--cron/--timezone: {msg.removeprefix('Value error, ')}") from None
+    root = _root()
+    load_params(root)  # fail on bad params now, not at 03:00
+
+    def stop(signum, frame):  # SIGTERM (systemd, kill) takes the same clean path as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    try:
+        with prefect_api(port) as (api_url, server):
+            os.environ["PREFECT_API_URL"] = api_url
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from pipelines.schedule import serve_training
+
+            ui_url = api_url.removesuffix("/api")
+            when = f"cron '{cron}' ({timezone or 'UTC'})" if cron else f"every {interval:g}s"
+            rows = {"deployment": f"mnist-training/{name}", "schedule": when, "project": str(root),
+                    "Prefect server": f"{ui_url} ({'started here, log ' + str(server.log) if server else 'PREFECT_API_URL'})",
+                    "manual runs on this server": f"export PREFECT_API_URL={api_url}",
+                    "stop": "Ctrl-C (pauses the schedule)"}
+            print_summary("mnist-mlops schedule", rows)
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                serve_training(str(root), cron=cron, interval=interval, timezone=timezone, name=name,
+                               package_bento=package, lock_wait_seconds=lock_wait)
+    except KeyboardInterrupt:
+        pass
+    err_console.print("schedule stopped (paused on the server); a local Prefect server started here is shut down")
+
+
+@app.command()
+def sweep(
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="section.key=v1,v2 (repeatable): every combination is trained.")],
+    set_: SetOption = None,
+    package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
+) -> None:
+    """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
+    from mnist_mlops.config import Paths, load_params, write_params
+    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.sweep import combinations
+
+    root = _root()
+    load_params(root, set_)
+    combos = combinations(root, grid, base=set_)
+    err_console.print(f"sweep: {len(combos)} combinations")
+    with pipeline_lock(Paths(root).lock):
+        from mnist_mlops import prefect_server
+
+        server = prefect_server.start()  # boots in parallel with the imports below
+        changed = write_params(root, set_)
+        if changed:
+            err_console.print(f"params.yaml updated: {', '.join(changed)}")
+        from pipelines.sweep import sweep_flow
+
+        with prefect_server.api(server):
+            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package)
+    board = Table(title="sweep candidates (chosen by val accuracy)", title_justify="left")
+    for column in ("combination", "val accuracy", "val loss", "MLflow run", "best"):
+        board.add_column(column)
+    for row in summary.pop("leaderboard"):
+        board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['val_loss']:.4f}",
+                      row["run_id"], "*" if row["best"] else "")
+    console.print(board)
+    print_summary("mnist-mlops sweep", summary)
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""The sweep flow: fetch → version → prepare → train each grid combination (child runs) →
+keep the best by val accuracy → evaluate → promote → package. The ML lives in
+`mnist_mlops.sweep`; this flow only orders the steps and records them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from mnist_mlops.config import Paths, load_params
+from mnist_mlops.tracking import FLOW_RUN_ENV
+from pipelines.training import fetch, package, promote, stage, summary_markdown, version
+
+
+@task(name="candidate")
+def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, workdir: str) -> dict:
+    """Train one combination as a nested MLflow child run; returns its val accuracy."""
+    from mnist_mlops import sweep
+
+    cand = sweep.train_candidate(Path(root), index, overrides, parent_run_id, Path(workdir))
+    sweep.record_candidate(Path(root), parent_run_id, cand)
+    get_run_logger().info("candidate %s: val accuracy %.4f (run %s)", cand.label, cand.val_accuracy, cand.run_id)
+    return asdict(cand)
+
+
+@task(name="install-best")
+def install_best(root: str, winner: dict) -> list[str]:
+    """params.yaml := the winner's params; its outputs become the train stage's (dvc commit)."""
+    from mnist_mlops import sweep
+
+    changed = sweep.install(Path(root), sweep.Candidate(**winner))
+    get_run_logger().info("best %s; params.yaml %s", " ".join(winner["overrides"]),
+                          f"updated: {', '.join(changed)}" if changed else "unchanged")
+    return changed
+
+
+@flow(name="mnist-sweep", log_prints=True)
+def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bool = True,
+               lock_wait_seconds: float = 0) -> dict:
+    """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
+    MLflow run; only the best by val accuracy is evaluated, gated and packaged."""
+    from mnist_mlops import sweep
+    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.tracking import run_tags
+
+    root = str(Path(root).resolve())
+    paths = Paths(Path(root))
+    params = load_params(paths.root)
+    combos = sweep.combinations(paths.root, grid)
+    with pipeline_lock(paths.lock, wait_seconds=lock_wait_seconds):
+        os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
+        fetched = fetch.with_options(retries=params.data.retries,
+                                     retry_delay_seconds=params.data.retry_delay_seconds)(root, params)
+        versioned = version(root)
+        stage.with_options(name="prepare")(root, "prepare")
+        parent = sweep.start_parent(paths.root, list(grid or []), combos, run_tags(paths, fetched["source"]))
+        paths.artifacts.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".sweep-", dir=paths.artifacts))
+        winner = None
+        try:
+            cands = [candidate.with_options(name=f"candidate-{i}")(root, i, combo, parent, str(work / f"c{i}"))
+                     for i, combo in enumerate(combos)]
+            winner = sweep.best([sweep.Candidate(**c) for c in cands])
+            install_best(root, asdict(winner))
+            evaluated = stage.with_options(name="evaluate")(root, "evaluate")
+            gate = promote(root, load_params(paths.root).evaluate.min_accuracy)
+            sweep.finish_parent(paths.root, parent, winner, ok=True)
+        except BaseException:
+            sweep.finish_parent(paths.root, parent, winner, ok=False)
+            raise
+        finally:
+            sweep.cleanup(work)
+        summary = {
+            "data md5": versioned["md5"],
+            "data source": fetched["source"],
+            "candidates": len(cands),
+            "best": winner.label,
+            "best val accuracy": f"{winner.val_accuracy:.4f}",
+            "MLflow parent run id": parent,
+            "MLflow run id": gate["run_id"],
+            "evaluated": "yes" if evaluated else "no (DVC skipped: unchanged)",
+            "model version": gate["version"],
+            "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
+            "promoted": "yes" if gate["promoted"] else "no",
+            "why": gate["reason"],
+        }
+        if package_bento and gate["promoted"]:
+            summary["bento"] = package(root)["bento"]
+        table = [{"combination": " ".join(c["overrides"]), "val_accuracy": round(c["val_accuracy"], 4),
+                  "val_loss": round(c["val_loss"], 4), "run_id": c["run_id"],
+                  "best": c["run_id"] == winner.run_id} for c in cands]
+        create_table_artifact(table=table, key="sweep-candidates", description="sweep candidates by val accuracy")
+        create_markdown_artifact(markdown=summary_markdown(summary).replace("MNIST training run", "MNIST sweep"),
+                                 key="sweep-summary", description="summary of the sweep")
+        summary["leaderboard"] = table
+    return summary

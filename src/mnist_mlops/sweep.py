@@ -1,0 +1,267 @@
+"""Sweeps: train every combination of a parameter grid, keep the best by validation accuracy.
+
+Design (one implementation of each step, DVC and the registry kept consistent):
+1. `--grid section.key=v1,v2` lists are expanded into combinations, each validated as params.
+2. One parent MLflow run; each combination trains in its own process
+   (`python -m mnist_mlops.sweep --out DIR -S k=v ...`) through the same `train.train` the
+   `train` stage uses, as a nested child run (MNIST_MLOPS_PARENT_RUN_ID), writing its model
+   and curves into its own work dir. Children see only train/val data: no test metric
+   exists before the choice, so the choice cannot use it.
+3. The best child by final val accuracy (then lower val loss, then grid order) wins: its
+   params are written into params.yaml, its outputs moved to where the `train` stage puts
+   them, and `dvc commit train` records them in dvc.lock (training is deterministic, so
+   they are what `dvc repro` would produce; nothing is trained twice).
+4. The normal `evaluate` stage and champion gate then run on that one model: it is
+   registered from the winning child run, so a sweep adds at most one model version.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mnist_mlops.config import Params, Paths, load_params
+from mnist_mlops.errors import UserError
+
+LIST_PARAMS = {"model.filters"}  # a scalar given for these means a one-element list
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int
+    overrides: list[str]
+    run_id: str
+    val_accuracy: float
+    val_loss: float
+    workdir: str
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def split_values(raw: str) -> list[str]:
+    """`0.001,0.003` -> two values; commas inside [...] stay: `[32,64],[64]` -> two lists."""
+    values, depth, current = [], 0, []
+    for ch in raw:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    values.append("".join(current).strip())
+    return values
+
+
+def parse_grid(specs: list[str] | None) -> list[tuple[str, list[str]]]:
+    """`["train.learning_rate=0.001,0.003", "model.filters=32,64"]` -> keys with their values."""
+    if not specs:
+        raise UserError("a sweep needs at least one --grid section.key=v1,v2")
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        key = key.strip()
+        if not sep or "." not in key or not raw.strip():
+            raise UserError(f"bad --grid '{spec}': expected section.key=value1,value2")
+        values = split_values(raw)
+        if any(not v for v in values):
+            raise UserError(f"bad --grid '{spec}': empty value")
+        if key in LIST_PARAMS:
+            values = [v if v.startswith("[") else f"[{v}]" for v in values]
+        if key in grid:
+            raise UserError(f"--grid {key} given twice")
+        grid[key] = list(dict.fromkeys(values))  # drop repeats, keep order
+    return list(grid.items())
+
+
+def combinations(root: Path, specs: list[str] | None, base: list[str] | None = None) -> list[list[str]]:
+    """Every combination as `section.key=value` overrides, each validated against params.yaml."""
+    grid = parse_grid(specs)
+    combos = [[f"{key}={value}" for key, value in zip([k for k, _ in grid], values)]
+              for values in itertools.product(*[v for _, v in grid])]
+    for combo in combos:
+        load_params(root, [*(base or []), *combo])  # a bad value fails here, before any work
+    return combos
+
+
+# ----------------------------------------------------------------------------- MLflow parent
+
+
+def start_parent(root: Path, specs: list[str], combos: list[list[str]], tags: dict[str, str]) -> str:
+    """The parent run (left RUNNING so children can nest under it; `finish_parent` ends it)."""
+    import mlflow
+
+    from mnist_mlops.tracking import EXPERIMENT, setup_mlflow
+
+    setup_mlflow(root)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(exp.experiment_id, run_name="sweep",
+                            tags={**tags, "sweep.grid": json.dumps(specs), "sweep.combinations": str(len(combos))})
+    client.log_param(run.info.run_id, "sweep.grid", " ".join(specs)[:6000])
+    client.log_param(run.info.run_id, "sweep.size", len(combos))
+    return run.info.run_id
+
+
+def record_candidate(root: Path, parent_run_id: str, cand: Candidate) -> None:
+    import mlflow
+
+    from mnist_mlops.tracking import setup_mlflow
+
+    setup_mlflow(root)
+    client = mlflow.MlflowClient()
+    client.log_metric(parent_run_id, "candidate_val_accuracy", cand.val_accuracy, step=cand.index)
+    client.set_tag(cand.run_id, "sweep.combination", cand.label)
+
+
+def finish_parent(root: Path, parent_run_id: str, best: Candidate | None, ok: bool) -> None:
+    import mlflow
+
+    from mnist_mlops.tracking import setup_mlflow
+
+    setup_mlflow(root)
+    client = mlflow.MlflowClient()
+    if best is not None:
+        client.log_metric(parent_run_id, "best_val_accuracy", best.val_accuracy)
+        client.set_tag(parent_run_id, "sweep.best_run_id", best.run_id)
+        client.set_tag(parent_run_id, "sweep.best", best.label)
+    client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")
+
+
+# ----------------------------------------------------------------------------- one candidate
+
+
+def candidate_paths(root: Path, workdir: Path) -> Paths:
+    """The project's paths, with the train step's outputs redirected into `workdir`."""
+    paths = Paths(root)
+    paths.model_dir = workdir / "model"
+    paths.model_file = paths.model_dir / "model.keras"
+    paths.train_run = paths.model_dir / "run.json"
+    paths.reports = workdir / "reports"
+    paths.history = paths.reports / "history.csv"
+    paths.figures = paths.reports / "figures"
+    return paths
+
+
+def final_val(history: Path) -> tuple[float, float]:
+    with history.open() as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise UserError(f"{history} is empty: the candidate trained no epoch")
+    last = rows[-1]
+    acc, loss = float(last["val_accuracy"]), float(last["val_loss"])
+    return (acc if math.isfinite(acc) else 0.0), (loss if math.isfinite(loss) else math.inf)
+
+
+def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id: str,
+                    workdir: Path) -> Candidate:
+    """Train one combination in a fresh process as a child run of `parent_run_id`."""
+    from mnist_mlops.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root)}
+    env.setdefault(FLOW_RUN_ENV, "none")
+    cmd = [sys.executable, "-m", "mnist_mlops.sweep", "--out", str(workdir)]
+    for override in overrides:
+        cmd += ["-S", override]
+    proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    sys.stderr.write(proc.stdout)
+    if proc.returncode != 0:
+        tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"sweep candidate {' '.join(overrides)} failed: {tail[0][:300]}")
+    result = json.loads((workdir / RESULT_FILE).read_text())
+    return Candidate(index=index, overrides=overrides, run_id=result["run_id"],
+                     val_accuracy=result["val_accuracy"], val_loss=result["val_loss"], workdir=str(workdir))
+
+
+def best(candidates: list[Candidate]) -> Candidate:
+    """Highest final val accuracy; ties: lower val loss, then grid order. Never test data."""
+    if not candidates:
+        raise UserError("the sweep trained no candidate")
+    return min(candidates, key=lambda c: (-c.val_accuracy, c.val_loss, c.index))
+
+
+# ----------------------------------------------------------------------------- the winner
+
+
+def install(root: Path, winner: Candidate) -> list[str]:
+    """Make the winner the project's trained model: params.yaml, train outputs, dvc.lock."""
+    from mnist_mlops.config import write_params
+    from mnist_mlops.versioning import dvc_repo
+
+    paths = Paths(root)
+    changed = write_params(root, winner.overrides)
+    src = candidate_paths(root, Path(winner.workdir))
+    moves = [(src.model_file, paths.model_file), (src.train_run, paths.train_run),
+             (src.history, paths.history),
+             (src.figures / "learning_curves.png", paths.figures / "learning_curves.png")]
+    for a, b in moves:
+        b.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(a, b.with_name(f".{b.name}.tmp"))
+        os.replace(b.with_name(f".{b.name}.tmp"), b)
+    with dvc_repo(root) as repo:
+        try:
+            repo.commit("train", force=True)
+        except Exception as exc:  # noqa: BLE001 - surface DVC's one-line reason
+            raise UserError(f"dvc commit train failed: {str(exc).splitlines()[0]}") from None
+    return changed
+
+
+def cleanup(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summary_rows(candidates: list[Candidate], winner: Candidate | None) -> list[dict]:
+    return [asdict(c) | {"best": winner is not None and c.run_id == winner.run_id} for c in candidates]
+
+
+# ----------------------------------------------------------------------------- child process
+
+
+def child_main(argv: list[str] | None = None) -> None:
+    """`python -m mnist_mlops.sweep --out DIR [-S section.key=value ...]`: one candidate."""
+    import argparse
+
+    from mnist_mlops.config import project_root
+    from mnist_mlops.tracking import quiet_env
+
+    quiet_env()
+    ap = argparse.ArgumentParser(prog="python -m mnist_mlops.sweep")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        root = project_root()
+        params: Params = load_params(root, args.overrides)
+        from mnist_mlops.train import train
+
+        paths = candidate_paths(root, args.out.resolve())
+        run_id = train(params, paths)
+        acc, loss = final_val(paths.history)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = {"run_id": run_id, "val_accuracy": acc, "val_loss": loss, "overrides": args.overrides}
+    (args.out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"candidate {' '.join(args.overrides)}: val accuracy {acc:.4f} (MLflow run {run_id})")
+
+
+if __name__ == "__main__":
+    child_main()

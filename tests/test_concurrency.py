@@ -1,0 +1,66 @@
+"""Two pipeline runs at once over one project: a manual `mnist-mlops run` and the training
+flow called the way a deployment (schedule, worker) calls it. One of them holds the
+pipeline lock; the other fails fast with a clear message (or, if it came second, finds
+nothing to do). The registry, DVC and the lock are consistent afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN
+from mnist_mlops.config import write_params
+
+pytestmark = pytest.mark.slow
+
+SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
+               "evaluate.misclassified_grid=9"]
+AS_A_DEPLOYMENT = ("import sys; from pipelines.training import training_flow; "
+                   "print(training_flow(root=sys.argv[1], package_bento=False))")
+REFUSED = "another pipeline run holds .mnist-mlops.lock"
+
+
+@pytest.mark.timeout(900)
+def test_two_runs_at_once_one_is_refused_cleanly(project):
+    write_params(project.root, SMALL_MODEL)
+    project.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # `python -c` skips the CLI's defaults
+    popen = dict(cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manual = subprocess.Popen([str(BIN / "mnist-mlops"), "run", "--no-package"], **popen)
+    flow = subprocess.Popen([sys.executable, "-c", AS_A_DEPLOYMENT, str(project.root)], **popen)
+    results = {}
+    for name, proc in (("manual", manual), ("flow", flow)):
+        out, err = proc.communicate(timeout=840)
+        results[name] = (proc.returncode, out + err)
+
+    ok = [name for name, (code, _) in results.items() if code == 0]
+    assert ok, f"both runs failed: {results}"
+    for name, (code, output) in results.items():
+        if code != 0:  # the clean refusal: one line naming the lock, nothing half-done
+            assert REFUSED in output, output[-4000:]
+            if name == "manual":
+                assert code == 2 and "Traceback" not in output
+    if len(ok) == 2:  # the second one only started once the first had finished: it trained nothing
+        assert any("no (DVC skipped: data and params unchanged)" in out for _, out in results.values())
+
+    # one training, one registered version, the champion alias on it
+    client = project.mlflow_client()
+    versions = client.search_model_versions("name='mnist-convnet'")
+    assert len(versions) == 1
+    assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == str(versions[0].version)
+    registered = json.loads((project.root / "artifacts" / "registered.json").read_text())
+    assert str(registered["version"]) == str(versions[0].version) and registered["run_id"] == versions[0].run_id
+    runs = client.search_runs([client.get_experiment_by_name("mnist-convnet").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # no half-started run left RUNNING
+
+    # DVC: dvc.lock matches the workspace, data matches data.dvc
+    status = project.run("dvc", "status")
+    assert "up to date" in status.stdout, status.stdout
+
+    # the lock was released: a later run gets it at once and finds nothing to do
+    from mnist_mlops.locking import pipeline_lock
+
+    with pipeline_lock(project.root / ".mnist-mlops.lock"):
+        pass
