@@ -1,0 +1,154 @@
+"""`mnist-mlops schedule` on a real Prefect server: scheduled runs complete, a scheduled run
+over unchanged inputs trains nothing, a manual run during a scheduled one is refused
+cleanly, prefect.yaml deploys to a work pool, and Ctrl-C leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import BIN, free_port
+from mnist_mlops.config import write_params
+from mnist_mlops.scheduling import start_group
+
+pytestmark = pytest.mark.slow
+
+# The pipeline is under test here, not the model: a small ConvNet keeps each training short.
+SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
+               "evaluate.misclassified_grid=9"]
+INTERVAL = 10  # seconds: short enough that a second (late) run follows the first at once
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries `marker`: every descendant of a command we started."""
+    pids = []
+    needle = f"MNIST_MLOPS_TEST_MARKER={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_all(marker: str) -> None:
+    for pid in processes_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def flow_runs(api: str, deployment: str) -> list[dict]:
+    body = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50}
+    resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def summary_of(api: str, flow_run_id: str) -> str:
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["training-summary"]}}}
+    resp = httpx.post(f"{api}/artifacts/filter", json=body, timeout=30)
+    resp.raise_for_status()
+    found = resp.json()
+    return found[0]["data"] if found else ""
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"schedule exited {proc.returncode} while waiting for {what}\n"
+                                 f"{log.read_text(errors='replace')[-5000:]}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}\n{log.read_text(errors='replace')[-5000:]}")
+
+
+@pytest.mark.timeout(900)
+def test_scheduled_runs_on_a_real_prefect_server(project):
+    write_params(project.root, SMALL_MODEL)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    marker = uuid.uuid4().hex
+    env = {**project.env, "MNIST_MLOPS_TEST_MARKER": marker, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = project.root / "schedule.log"
+    # like a terminal: the command leads its own process group; Ctrl-C reaches the whole group
+    proc = start_group([str(BIN / "mnist-mlops"), "schedule", "--interval", str(INTERVAL), "--port", str(port),
+                        "--no-package", "--lock-wait", "0"], log, env, cwd=project.root)
+    try:
+        wait_for(lambda: "Prefect server" in log.read_text(errors="replace"), 240, proc, log, "the server")
+        assert f"http://127.0.0.1:{port}" in log.read_text(errors="replace")
+
+        # the first scheduled run starts (and trains: the project is new)
+        first = wait_for(lambda: next((r for r in flow_runs(api, "scheduled") if r["state_type"] == "RUNNING"), None),
+                         240, proc, log, "a scheduled run to start")
+        assert first["auto_scheduled"] and first["deployment_id"]
+
+        # meanwhile: a manual run over the same project is refused cleanly (or waits its turn)
+        manual = project.cli("run", "--no-package", check=False, timeout=600)
+        if manual.returncode != 0:
+            assert manual.returncode == 2, manual.stderr[-3000:]
+            assert "another pipeline run holds .mnist-mlops.lock" in manual.stderr
+            assert "Traceback" not in manual.stderr
+
+        # the same deployment for workers elsewhere: prefect.yaml deploys to a work pool
+        pool_env = {**env, "PREFECT_API_URL": api}
+        pool_env.pop("MNIST_MLOPS_CHECKOUT", None)
+        prefect = str(BIN / "prefect")
+        subprocess.run([prefect, "work-pool", "create", "mnist-mlops", "--type", "process"], cwd=project.root,
+                       env=pool_env, capture_output=True, text=True, timeout=300, check=True)
+        deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=project.root, env=pool_env,
+                                  capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        resp = httpx.get(f"{api}/deployments/name/mnist-training/mnist-training-worker", timeout=30)
+        resp.raise_for_status()
+        worker_deployment = resp.json()
+        assert worker_deployment["work_pool_name"] == "mnist-mlops"
+        assert worker_deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert worker_deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"][
+            "directory"] == "{{ $MNIST_MLOPS_CHECKOUT }}"
+
+        # two scheduled runs complete: the first trained, the next found nothing changed
+        def two_completed():
+            done = [r for r in flow_runs(api, "scheduled") if r["state_type"] == "COMPLETED"]
+            return done if len(done) >= 2 else None
+
+        done = wait_for(two_completed, 600, proc, log, "two completed scheduled runs")
+        assert all(r["auto_scheduled"] for r in done)
+        first_summary, second_summary = summary_of(api, done[0]["id"]), summary_of(api, done[1]["id"])
+        assert "| trained | yes |" in first_summary or manual.returncode == 0, first_summary
+        assert "| trained | no (DVC skipped: data and params unchanged) |" in second_summary, second_summary
+        assert "| promoted | yes |" in first_summary + second_summary
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        left = processes_with(marker)
+        kill_all(marker)
+    output = log.read_text(errors="replace")
+    assert proc.returncode == 0, output[-5000:]
+    assert "schedule stopped" in output
+    assert "Traceback" not in output.split("schedule stopped")[-1]
+    assert left == [], f"processes left behind: {left}"
+    with httpx.Client() as client, pytest.raises(httpx.HTTPError):
+        client.get(f"{api}/health", timeout=3)
+    client = project.mlflow_client()
+    versions = client.search_model_versions("name='mnist-convnet'")
+    assert len(versions) == 1  # two (or three) runs, one training, one version
+    assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == str(versions[0].version)
