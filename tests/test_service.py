@@ -365,3 +365,49 @@ def test_api_key_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
     small = TestClient(Guard(app, max_body_bytes=1024))
     assert small.post("/predict", content=b"x" * 2000).status_code == 413
     assert small.post("/predict", content=b"x" * 10).status_code == 200
+
+
+# ----------------------------------------------------------------------------- README examples
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def _blocks(section: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -> None:
+    """Every curl line of the README's 'Send predictions' section, run as written."""
+    host = server.url.removeprefix("http://")
+    commands = [line.split("  #")[0].strip() for block in _blocks(_readme_section("Send predictions"), "bash")
+                for line in block.splitlines() if line.startswith(("curl ", "python3 -c"))]
+    assert sum(c.startswith("curl") for c in commands) >= 5
+    outputs = {}
+    for cmd in commands:
+        proc = subprocess.run(["bash", "-c", cmd.replace("127.0.0.1:3000", host)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+        assert proc.returncode == 0, f"{cmd}\n{proc.stderr}"
+        outputs[cmd] = proc.stdout
+    by_endpoint = {re.search(r"127\.0\.0\.1:3000/(\w+)", c).group(1): out
+                   for c, out in outputs.items() if c.startswith("curl")}
+    assert json.loads(by_endpoint["predict"])[0]["digit"] in range(10)
+    assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
+    assert json.loads(by_endpoint["model"])["model_version"] == "1"
+    assert "bentoml_service_request_total" in by_endpoint["metrics"]
+
+
+def test_readme_python_example_works_when_copied(server: Server, tmp_path: Path) -> None:
+    blocks = _blocks(_readme_section("Send predictions"), "python")
+    assert blocks
+    Image.new("L", (64, 64), 255).save(tmp_path / "digit.png")
+    for code in blocks:
+        proc = subprocess.run([str(BIN / "python"), "-c", code.replace("http://127.0.0.1:3000", server.url)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert re.search(r"^\d 0\.\d+ 1$", proc.stdout, flags=re.M), proc.stdout
