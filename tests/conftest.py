@@ -8,11 +8,15 @@ and is shared read-mostly by every test that needs a champion.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,3 +130,63 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     proc = proj.cli("run")
     proj.first_run_output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proj
+
+
+class Server:
+    """A running `mnist-mlops serve` (→ `bentoml serve`) in its own process group."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
+        self.url, self.proc, self.log = url, proc, log
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM the whole group (BentoML's workers too), SIGKILL what is left."""
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextlib.contextmanager
+def serving(project: Project, workdir: Path, api_key: str | None = None,
+            ready_timeout: float = 300) -> Iterator[Server]:
+    """`mnist-mlops serve` on 127.0.0.1 and a free port, as a user starts it, until /readyz."""
+    import httpx
+
+    port = free_port()
+    log = workdir / f"serve-{port}.log"
+    env = {**project.env, **({"MNIST_MLOPS_API_KEY": api_key} if api_key else {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(BIN / "mnist-mlops"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the service exited {proc.returncode} before it was ready:\n{srv.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the service was not ready within {ready_timeout:.0f} s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def served(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The trained project's champion served once for the whole session (no API key)."""
+    with serving(trained_project, tmp_path_factory.mktemp("served")) as srv:
+        yield srv

@@ -11,9 +11,7 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BIN, Project, free_port
-from PIL import Image, ImageDraw
+from conftest import BIN, Project
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -40,46 +38,11 @@ class Server:
         return self.client.post("/predict_image", files={"image": (name, data)})
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
-def server(trained_project: Project):
-    """`mnist-mlops serve` on 127.0.0.1 (its default host) and a free port, until /readyz."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = trained_project.root / f"serve-{port}.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen([str(BIN / "mnist-mlops"), "serve", "--port", str(port)],
-                                cwd=trained_project.root, env=trained_project.env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield Server(url, log, client)
-    finally:
-        _stop(proc)
+def server(served) -> Server:
+    """The session's `mnist-mlops serve` (127.0.0.1, its default host, on a free port)."""
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        yield Server(served.url, served.log, client)
 
 
 @pytest.fixture(scope="module")

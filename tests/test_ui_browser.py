@@ -13,19 +13,15 @@ done by .ci/run); without them these tests fail, they are never skipped.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import BIN, Project, free_port
+from conftest import Project, Server, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -36,70 +32,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # ---- the service --------------------------------------------------------------------------
 
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
-        self.url, self.proc, self.log = url, proc, log
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def champion_version(project: Project) -> str:
-    return str(project.mlflow_client().get_model_version_by_alias("mnist-convnet", "champion").version)
-
-
-def serve_command(port: int) -> list[str]:
-    """`mnist-mlops serve`: the champion's Bento under `bentoml serve`, as a user starts it."""
-    return [str(BIN / "mnist-mlops"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-
-
-@contextlib.contextmanager
-def serving(project: Project, workdir: Path, api_key: str | None = None):
-    """`mnist-mlops serve` on 127.0.0.1 and a free port, in its own process group, until the block ends."""
-    port = free_port()
-    log = workdir / "serve.log"
-    env = {**project.env, **({"MNIST_MLOPS_API_KEY": api_key} if api_key else {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(serve_command(port), cwd=project.root, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the service exited {proc.returncode} before it was ready:\n{srv.log_tail()}")
-            try:
-                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the service was not ready within 240 s:\n{srv.log_tail()}")
-            time.sleep(0.5)
-        yield srv
-    finally:
-        srv.stop()
-
-
 @pytest.fixture(scope="module")
-def server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory):
-    """The service as it starts by default: no API key."""
-    with serving(trained_project, tmp_path_factory.mktemp("ui-server")) as srv:
-        yield srv
+def server(served: Server) -> Server:
+    """The service as it starts by default: no API key (shared by the session)."""
+    return served
 
 
 @pytest.fixture(scope="module")
