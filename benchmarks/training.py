@@ -128,14 +128,16 @@ def run_worker(kind: str, root: Path, overrides: list[str], env: dict, spe: int 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def images_per_s(results: list[dict], key: str) -> float:
-    """Training digits / the median epoch's seconds, every epoch after the first of every run.
+def images_per_s(results: list[dict], key: str, pick=statistics.median) -> float:
+    """Training digits / the median (or `pick`) epoch's seconds, epochs after the first, all runs.
 
     The median, not the mean: on a shared machine one epoch slowed by a neighbour's burst
-    says nothing about the code.
+    says nothing about the code. The best epoch (`pick=min`) is the code's speed with the
+    least interference: on this shared 2-core machine epochs of every variant, bare Keras
+    included, fall into two modes (~6 s and ~10 s) with the load of other processes.
     """
     seconds = [e[key] for r in results for e in r["epochs"][1:]]
-    return results[0]["n"] / statistics.median(seconds)
+    return results[0]["n"] / pick(seconds)
 
 
 def main() -> None:
@@ -182,14 +184,17 @@ def main() -> None:
                 results[name].append(run_worker(kind, root, overrides, env, spe))
 
     baseline = {k: images_per_s(results["bare Keras (baseline)"], k) for k in ("train", "epoch")}
+    best_base = images_per_s(results["bare Keras (baseline)"], "epoch", min)
     rows = []
     for name, res in results.items():
         train_ips, epoch_ips = images_per_s(res, "train"), images_per_s(res, "epoch")
+        best = images_per_s(res, "epoch", min)
         ratio = epoch_ips / baseline["epoch"]
         first = statistics.mean(r["epochs"][0]["epoch"] for r in res)
         acc = ", ".join(f"{r['epochs'][-1]['val_accuracy']:.4f}" for r in res)
         rows.append([name, f"{train_ips:,.0f}", f"{train_ips / baseline['train']:.2f}×", f"{epoch_ips:,.0f}",
-                     f"[{'green' if ratio >= TARGET else 'red'}]{ratio:.2f}×[/]",
+                     f"[{'green' if ratio >= TARGET else 'red'}]{ratio:.2f}×[/]", f"{best:,.0f}",
+                     f"[{'green' if best / best_base >= TARGET else 'red'}]{best / best_base:.2f}×[/]",
                      f"{first:.1f}", "yes" if res[0]["jit_compile"] else "no", acc])
     print_table(
         f"Training: images/s per epoch after the first ({sizes['train']} training digits, "
@@ -197,15 +202,17 @@ def main() -> None:
         f"{__import__('mnist_mlops.config', fromlist=['x']).load_params(REPO, base).train.batch_size}; "
         f"target pipeline ≥ {TARGET:.1f}× baseline)",
         ["variant", "train img/s", "× base", "epoch img/s (with val)", "× base (target ≥ 1.0)",
-         "1st epoch s", "XLA", "final val_acc per run"],
+         "best epoch img/s", "× base", "1st epoch s", "XLA", "final val_acc per run"],
         rows,
     )
     pipeline = results["pipeline train.fit"]
     ratio = images_per_s(pipeline, "epoch") / baseline["epoch"]
     paired = [images_per_s([p], "epoch") / images_per_s([b], "epoch")
               for p, b in zip(pipeline, results["bare Keras (baseline)"])]
-    print(f"pipeline / baseline (whole epochs): {ratio:.2f}× — target ≥ {TARGET:.1f}×: "
-          f"{'met' if ratio >= TARGET else 'not met'}; per round: {', '.join(f'{r:.2f}×' for r in paired)}")
+    best = images_per_s(pipeline, "epoch", min) / best_base
+    print(f"pipeline / baseline (whole epochs, median): {ratio:.2f}× — target ≥ {TARGET:.1f}×: "
+          f"{'met' if ratio >= TARGET else 'not met'}; per round: {', '.join(f'{r:.2f}×' for r in paired)}; "
+          f"best epochs: {best:.2f}× ({'met' if best >= TARGET else 'not met'})")
     same = len({tuple(e['val_accuracy'] for e in r['epochs']) for r in pipeline}) == 1
     print(f"pipeline determinism: per-epoch val_accuracy identical across {len(pipeline)} runs: {same}")
 
