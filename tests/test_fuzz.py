@@ -1,6 +1,6 @@
 """Fuzzing the live service with Hypothesis: no payload, on any endpoint, gets a 5xx.
 
-One `mnist-mlops serve` for the module. Every path of the service's own OpenAPI schema
+The session's one `mnist-mlops serve` (conftest `served`). Every path of the service's own OpenAPI schema
 is hit with random methods, bodies, content types and query strings; /predict gets
 arbitrary JSON and near-valid digit arrays; /predict_image gets random files and forms.
 Bounded: ~100 examples per test, no shrinking database written to disk.
@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import time
 
 import httpx
 import numpy as np
 import pytest
-from conftest import BIN, Project, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -31,40 +26,12 @@ FUZZ = settings(max_examples=100, deadline=None, database=None, derandomize=True
 
 
 @pytest.fixture(scope="module")
-def server(trained_project: Project):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = trained_project.root / f"serve-fuzz-{port}.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen([str(BIN / "mnist-mlops"), "serve", "--port", str(port)],
-                                cwd=trained_project.root, env=trained_project.env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 300 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            client.log = log  # type: ignore[attr-defined]
-            yield client
-    finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+def server(served):
+    """The session's served champion (tests/conftest.py); only this module's part of its log is checked."""
+    offset = served.log.stat().st_size
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        client.log_tail = lambda: served.log.read_bytes()[offset:].decode(errors="replace")  # type: ignore[attr-defined]
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -162,5 +129,5 @@ def test_service_still_healthy_after_fuzzing(server: httpx.Client) -> None:
     assert server.get("/readyz").status_code == 200
     digit = [[0] * 28 for _ in range(28)]
     assert server.post("/predict", json={"images": digit}).status_code == 200
-    log = server.log.read_text()  # type: ignore[attr-defined]
+    log = server.log_tail()  # type: ignore[attr-defined]
     assert "status=500" not in log, log[-3000:]  # BentoML logs every request with its status
