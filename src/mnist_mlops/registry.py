@@ -68,7 +68,8 @@ def rescore(version: str, x: np.ndarray, y: np.ndarray):
 
     from mnist_mlops.evaluate import probabilities, score
 
-    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}")
+    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
+                                    load_model_kwargs={"safe_mode": True, "compile": False})
     return score(probabilities(model, x), y)
 
 

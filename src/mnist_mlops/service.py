@@ -41,7 +41,12 @@ logger = logging.getLogger("mnist_mlops.service")
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"
-OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics", "/ui")  # open even with an API key
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/ui"})  # open even with an API key
+
+
+def is_open(path: str) -> bool:
+    """Health, metrics and the drawing page (a browser cannot send a key to open it)."""
+    return path in OPEN_PATHS or path.startswith("/ui/")
 FILE_FIELDS = {"/predict_image": {"image"}}  # multipart file fields each endpoint takes
 # Benchmarks only: answer without running the model, to measure the HTTP stack's ceiling.
 NOOP_MODEL = os.environ.get("MNIST_MLOPS_NOOP_MODEL") == "1"
@@ -183,7 +188,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         path = scope["path"]
-        if self.api_key and not path.startswith(OPEN_PATHS) and not self.authorized(headers):
+        if self.api_key and not is_open(path) and not self.authorized(headers):
             resp = error_response(401, "unauthorized", f"missing or wrong API key: send 'Authorization: "
                                   f"Bearer <key>' or 'X-API-Key: <key>'", "header")
             resp.headers["WWW-Authenticate"] = "Bearer"
