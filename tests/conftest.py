@@ -37,6 +37,31 @@ TELEMETRY_OFF = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
 os.environ.update(TELEMETRY_OFF)
+# MLflow's set_tracking_uri/set_registry_uri/set_experiment also write these into
+# os.environ "so that subprocesses inherit them": they must never leak between tests.
+MLFLOW_PROCESS_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
+                        "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_globals() -> Iterator[None]:
+    """Undo what a test did to MLflow's process-wide state (URIs, experiment, active runs)."""
+    saved = {key: os.environ.get(key) for key in MLFLOW_PROCESS_STATE}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        from mlflow.tracking import _model_registry, _tracking_service, fluent
+
+        while mlflow.active_run():
+            mlflow.end_run()
+        _tracking_service.utils._tracking_uri = None
+        _model_registry.utils._registry_uri = None
+        fluent._active_experiment_id = None
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def free_port() -> int:
@@ -102,7 +127,7 @@ def make_project(dest: Path, params: list[str] | None = None) -> Project:
         "MNIST_MLOPS_CACHE": str(dest / ".cache"),
         "PYTHONUNBUFFERED": "1",
     }
-    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY"):
+    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY", *MLFLOW_PROCESS_STATE):
         env.pop(key, None)
     project = Project(dest, env)
     project.run("git", "init", "-q", "-b", "main")

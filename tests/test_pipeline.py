@@ -51,6 +51,8 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
     import mlflow
 
     trained_project.use_env(monkeypatch)
+    mlflow.set_tracking_uri(trained_project.env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(trained_project.env["MLFLOW_TRACKING_URI"])
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1")
     assert info.signature is not None and info.saved_input_example_info is not None
     assert "keras" in info.flavors
@@ -116,6 +118,10 @@ def test_second_run_fails_fast_while_one_holds_the_lock(project: Project) -> Non
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
     """Same data + params + machine → identical test metrics (seeds + op determinism)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("determinism")  # fit() logs per-epoch metrics
     from mnist_mlops.config import Paths, validate
     from mnist_mlops.data import fetch
     from mnist_mlops.evaluate import probabilities, score

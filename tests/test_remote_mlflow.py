@@ -131,6 +131,7 @@ def test_pipeline_logs_to_a_remote_mlflow_server(project, s3, mlflow_server):
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     info = mlflow.models.get_model_info("models:/mnist-convnet@champion")
     assert info.signature is not None
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28, 1]
