@@ -116,8 +116,9 @@ def make_project(dest: Path, params: list[str] | None = None) -> Project:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, target)
+    inherited = {k: v for k, v in os.environ.items() if k not in MLFLOW_PROCESS_STATE}
     env = {
-        **os.environ,
+        **inherited,
         **TELEMETRY_OFF,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}",
@@ -127,7 +128,7 @@ def make_project(dest: Path, params: list[str] | None = None) -> Project:
         "MNIST_MLOPS_CACHE": str(dest / ".cache"),
         "PYTHONUNBUFFERED": "1",
     }
-    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY", *MLFLOW_PROCESS_STATE):
+    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY"):
         env.pop(key, None)
     project = Project(dest, env)
     project.run("git", "init", "-q", "-b", "main")
