@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import BIN, Project
+from conftest import BIN, Project, serving
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -39,10 +39,11 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(served) -> Server:
-    """The session's `mnist-mlops serve` (127.0.0.1, its default host, on a free port)."""
-    with httpx.Client(base_url=served.url, timeout=60) as client:
-        yield Server(served.url, served.log, client)
+def server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """A fresh `mnist-mlops serve` for this module (127.0.0.1, its default host, a free port)."""
+    with serving(trained_project, tmp_path_factory.mktemp("service")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        yield Server(srv.url, srv.log, client)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # ---- the service --------------------------------------------------------------------------
 
+def champion_version(project: Project) -> str:
+    return str(project.mlflow_client().get_model_version_by_alias("mnist-convnet", "champion").version)
+
+
 @pytest.fixture(scope="module")
 def server(served: Server) -> Server:
     """The service as it starts by default: no API key (shared by the session)."""
