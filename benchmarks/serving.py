@@ -88,7 +88,8 @@ def _seconds(text: str) -> float:
 
 def wrk(url: str, body: Path, script: Path, seconds: float, connections: int) -> dict:
     """Run wrk; return req/s, p50/p99 latency (s) and errors (non-2xx + socket errors)."""
-    cmd = ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds:g}s",
+    duration = f"{max(1, round(seconds))}s"  # wrk rejects fractional durations ("7.5s")
+    cmd = ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", duration,
            "--timeout", "30s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, env={**os.environ, "WRK_BODY": str(body)}, capture_output=True, text=True,
                          check=True, timeout=seconds + 60).stdout
