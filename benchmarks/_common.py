@@ -69,8 +69,8 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> dict[str, st
 def prepared_root(root: Path):
     """Fetch the offline sample and prepare its splits under `root` (no DVC, no MLflow)."""
     from mnist_mlops.config import Params, Paths
-    from mnist_mlops.data import fetch
-    from mnist_mlops.prepare import prepare
+    from mnist_mlops.training.data import fetch
+    from mnist_mlops.training.prepare import prepare
 
     params = Params()
     paths = Paths(root)

@@ -4,11 +4,11 @@
 
 1. Exits 1 with a clear message when TensorFlow sees no GPU.
 2. Trains `--epochs` epochs of the pipeline's own training step
-   (`mnist_mlops.train.fit(params, paths)`: tf.data, the distribution strategy it picks
+   (`mnist_mlops.training.train.fit(params, paths)`: tf.data, the distribution strategy it picks
    for the devices present, the per-epoch MLflow callback into a temp sqlite store) on the
    offline sample, with params.yaml's defaults.
 3. Runs batched inference through the path the BentoML service compiles
-   (`mnist_mlops.service.MnistClassifier`: `configure_tensorflow()`, then one
+   (`mnist_mlops.serving.service.MnistClassifier`: `configure_tensorflow()`, then one
    `tf.function` with input signature [None, 28, 28, 1] around `model(x, training=False)`).
 4. Prints images/s for both, and where the work ran: the device of the model's variables
    and of the output tensor, and the GPU memory TensorFlow allocated (must be > 0).
@@ -60,8 +60,8 @@ def main() -> int:
     import numpy as np
 
     from mnist_mlops.config import load_params
-    from mnist_mlops.prepare import load_split
-    from mnist_mlops.train import fit
+    from mnist_mlops.training.prepare import load_split
+    from mnist_mlops.training.train import fit
 
     rows = []
     ok = True
@@ -81,11 +81,11 @@ def main() -> int:
             rows.append([f"train epoch {row['epoch']}" + (" (incl. tracing)" if row["epoch"] == 1 else ""),
                          f"{sizes['train'] / row['seconds']:,.0f}", var_device])
 
-        # The service's compiled inference path (see mnist_mlops.service.MnistClassifier.__init__).
+        # The service's compiled inference path (see mnist_mlops.serving.service.MnistClassifier.__init__).
         from mnist_mlops.preprocess import INPUT_SHAPE
 
         try:
-            from mnist_mlops.service import configure_tensorflow
+            from mnist_mlops.serving.service import configure_tensorflow
 
             device = configure_tensorflow()
         except Exception as exc:  # noqa: BLE001 - service module needs a model tag at import

@@ -60,7 +60,7 @@ def breakdown(log: str, start: dt.datetime, wall: float) -> dict[str, float]:
 
     Prefect start-up is the wait for the API server: with Prefect's own temporary server,
     "Starting temporary server" → "Beginning flow run"; with the server the CLI starts
-    early (mnist_mlops.prefect_server), the wait it logs plus the flow run's creation.
+    early (mnist_mlops.platform.prefect_server), the wait it logs plus the flow run's creation.
     """
     steps: dict[str, float] = dict.fromkeys(STEPS, 0.0)
     begin = _clock(m[1], start) if (m := FLOW_BEGIN.search(log)) else 0.0
@@ -83,9 +83,9 @@ def breakdown(log: str, start: dt.datetime, wall: float) -> dict[str, float]:
     return {k: steps.get(k, 0.0) for k in order}
 
 
-# `mnist-mlops run` as before mnist_mlops.prefect_server: Prefect starts its own temporary
+# `mnist-mlops run` as before mnist_mlops.platform.prefect_server: Prefect starts its own temporary
 # server at the flow's first API call (for the A/B comparison of --ab).
-PREFECT_OWN_SERVER = ("import sys; import mnist_mlops.prefect_server as p; p.start = lambda: None; "
+PREFECT_OWN_SERVER = ("import sys; import mnist_mlops.platform.prefect_server as p; p.start = lambda: None; "
                       "from mnist_mlops.cli import main; sys.argv = ['mnist-mlops', 'run']; main()")
 
 

@@ -134,7 +134,7 @@ def main() -> None:
 
     from mnist_mlops.config import MODEL_NAME, project_root, tracking_uri
     from mnist_mlops.errors import UserError
-    from mnist_mlops.package import KERAS_FILE, package_champion
+    from mnist_mlops.serving.package import KERAS_FILE, package_champion
     from mnist_mlops.preprocess import normalize
 
     root = project_root()

@@ -2,13 +2,13 @@
 
     python benchmarks/training.py [--epochs 4] [--repeats 2] [--explore] [--set section.key=value]
 
-Both sides train the same ConvNet (`mnist_mlops.model.build_model` with the default
+Both sides train the same ConvNet (`mnist_mlops.training.model.build_model` with the default
 params, the same optimizer, loss, metrics and batch size) on the prepared sample splits,
 with the validation split evaluated every epoch:
 
 - baseline: bare Keras, `model.fit(x, y, batch_size=…)` on in-memory numpy arrays, Keras'
   own defaults otherwise (no op determinism, `jit_compile="auto"`).
-- pipeline: `mnist_mlops.train.fit(params, paths)`, exactly what the DVC `train` stage
+- pipeline: `mnist_mlops.training.train.fit(params, paths)`, exactly what the DVC `train` stage
   runs (tf.data cache/shuffle/prefetch, op determinism, the per-epoch MLflow logging
   callback writing to a temp sqlite store, inside an MLflow run).
 
@@ -68,10 +68,10 @@ def worker(kind: str, root: Path, overrides: list[str], spe: int = 0) -> dict:
     measured here before it is offered in params.yaml).
     """
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.prepare import load_split
+    from mnist_mlops.training.prepare import load_split
 
     if spe:
-        from mnist_mlops import train as train_module
+        from mnist_mlops.training import train as train_module
 
         original = train_module.compile_model
 
@@ -89,7 +89,7 @@ def worker(kind: str, root: Path, overrides: list[str], spe: int = 0) -> dict:
         import keras
         import numpy as np
 
-        from mnist_mlops.model import build_model
+        from mnist_mlops.training.model import build_model
 
         keras.utils.set_random_seed(params.train.seed)
         train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
@@ -105,8 +105,8 @@ def worker(kind: str, root: Path, overrides: list[str], spe: int = 0) -> dict:
     else:
         import mlflow
 
-        from mnist_mlops.tracking import setup_mlflow
-        from mnist_mlops.train import fit
+        from mnist_mlops.platform.tracking import setup_mlflow
+        from mnist_mlops.training.train import fit
 
         setup_mlflow(root)
         with mlflow.start_run():

@@ -1,6 +1,6 @@
 """The sweep flow: fetch → version → prepare → train each grid combination (child runs) →
 keep the best by val accuracy → evaluate → promote → package. The ML lives in
-`mnist_mlops.sweep`; this flow only orders the steps and records them.
+`mnist_mlops.training.sweep`; this flow only orders the steps and records them.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
-from mnist_mlops.tracking import FLOW_RUN_ENV
+from mnist_mlops.platform.tracking import FLOW_RUN_ENV
 from pipelines.training import fetch, package, promote, stage, summary_markdown, version
 
 
 @task(name="candidate")
 def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, workdir: str) -> dict:
     """Train one combination as a nested MLflow child run; returns its val accuracy."""
-    from mnist_mlops import sweep
+    from mnist_mlops.training import sweep
 
     cand = sweep.train_candidate(Path(root), index, overrides, parent_run_id, Path(workdir))
     sweep.record_candidate(Path(root), parent_run_id, cand)
@@ -33,7 +33,7 @@ def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, w
 @task(name="install-best")
 def install_best(root: str, winner: dict) -> list[str]:
     """params.yaml := the winner's params; its outputs become the train stage's (dvc commit)."""
-    from mnist_mlops import sweep
+    from mnist_mlops.training import sweep
 
     changed = sweep.install(Path(root), sweep.Candidate(**winner))
     get_run_logger().info("best %s; params.yaml %s", " ".join(winner["overrides"]),
@@ -46,9 +46,9 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                lock_wait_seconds: float = 0) -> dict:
     """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
     MLflow run; only the best by val accuracy is evaluated, gated and packaged."""
-    from mnist_mlops import sweep
-    from mnist_mlops.locking import pipeline_lock
-    from mnist_mlops.tracking import run_tags
+    from mnist_mlops.training import sweep
+    from mnist_mlops.platform.locking import pipeline_lock
+    from mnist_mlops.platform.tracking import run_tags
 
     root = str(Path(root).resolve())
     paths = Paths(Path(root))

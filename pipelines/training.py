@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from mnist_mlops import preload
+from mnist_mlops.platform import preload
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
-from mnist_mlops.tracking import FLOW_RUN_ENV
+from mnist_mlops.platform.tracking import FLOW_RUN_ENV
 
 
 class _UserErrorWithoutTraceback(logging.Filter):
@@ -49,7 +49,7 @@ TRACKING_RETRY_DELAY_SECONDS = 2.0
 @task(name="check-tracking")
 def check_tracking(root: str) -> str:
     """Reach the MLflow store first (retried): a run that cannot record fails before any work."""
-    from mnist_mlops.tracking import quiet_env, setup_mlflow
+    from mnist_mlops.platform.tracking import quiet_env, setup_mlflow
 
     quiet_env()  # bounded MLflow HTTP retries/timeouts, however the flow was started
     return setup_mlflow(Path(root))
@@ -58,7 +58,7 @@ def check_tracking(root: str) -> str:
 @task(name="check-data")
 def check_data(root: str) -> str | None:
     """Compare data/ with its data.dvc pin before fetch rewrites it: a hand edit is reported."""
-    from mnist_mlops.versioning import data_drift
+    from mnist_mlops.platform.versioning import data_drift
 
     paths = Paths(Path(root))
     drift = data_drift(paths.root, paths.data, paths.data_dvc)
@@ -71,7 +71,7 @@ def check_data(root: str) -> str | None:
 @task(name="fetch")
 def fetch(root: str, params: Params) -> dict:
     """Download/load the source into data/ atomically (retried on failure)."""
-    from mnist_mlops.data import fetch as fetch_data
+    from mnist_mlops.training.data import fetch as fetch_data
 
     paths = Paths(Path(root))
     result = fetch_data(params.data, paths.data, paths.cache)
@@ -83,7 +83,7 @@ def fetch(root: str, params: Params) -> dict:
 @task(name="version")
 def version(root: str) -> dict:
     """dvc add data (+ dvc push when a remote is configured)."""
-    from mnist_mlops.versioning import version_data
+    from mnist_mlops.platform.versioning import version_data
 
     paths = Paths(Path(root))
     result = version_data(paths.root, paths.data, paths.data_dvc)
@@ -95,7 +95,7 @@ def version(root: str) -> dict:
 @task(name="stage")
 def stage(root: str, name: str) -> bool:
     """One DVC stage; returns whether it ran (False: inputs unchanged, DVC skipped it)."""
-    from mnist_mlops.versioning import reproduce
+    from mnist_mlops.platform.versioning import reproduce
 
     ran = reproduce(Path(root), name)
     get_run_logger().info("stage %s %s", name, "ran" if ran else "skipped: inputs unchanged")
@@ -106,7 +106,7 @@ def stage(root: str, name: str) -> bool:
 def promote(root: str, min_accuracy: float) -> dict:
     """The champion gate on the version the evaluate stage registered."""
     from mnist_mlops import registry
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
@@ -122,7 +122,7 @@ def promote(root: str, min_accuracy: float) -> dict:
 @task(name="package")
 def package(root: str) -> dict:
     """Import the champion into the BentoML store and build its Bento (skipped if current)."""
-    from mnist_mlops.package import package_champion
+    from mnist_mlops.serving.package import package_champion
 
     result = package_champion(Path(root))
     get_run_logger().info("bento %s (%s)", result["bento"], "built" if result["built"] else "up to date")
@@ -142,7 +142,7 @@ def training_flow(root: str = ".", overrides: list[str] | None = None, package_b
     Holds the project's pipeline lock for the whole run, however the run was started (CLI,
     schedule, worker): a second run fails fast, or waits up to `lock_wait_seconds`.
     """
-    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.platform.locking import pipeline_lock
 
     quiet_user_error_tracebacks()
     root = str(Path(root).resolve())

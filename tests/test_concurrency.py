@@ -60,7 +60,7 @@ def test_two_runs_at_once_one_is_refused_cleanly(project):
     assert "up to date" in status.stdout, status.stdout
 
     # the lock was released: a later run gets it at once and finds nothing to do
-    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.platform.locking import pipeline_lock
 
     with pipeline_lock(project.root / ".mnist-mlops.lock"):
         pass

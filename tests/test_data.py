@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mnist_mlops.config import DataParams
-from mnist_mlops.data import (
+from mnist_mlops.training.data import (
     DataError,
     Digits,
     DownloadError,

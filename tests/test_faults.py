@@ -128,7 +128,7 @@ def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Pro
     try:
         assert first_epoch.wait(480), "".join(lines)[-4000:]
         trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "mnist_mlops.stages" in " ".join(p.cmdline()) and "train" in p.cmdline()]
+                    if "mnist_mlops.training.stages" in " ".join(p.cmdline()) and "train" in p.cmdline()]
         assert len(trainers) == 1, trainers
         trainers[0].send_signal(signal.SIGKILL)  # epoch 2 of 2 is under way
         assert proc.wait(300) == 2
@@ -210,7 +210,7 @@ class BadMirror:
 
 @pytest.mark.timeout(600)
 def test_bad_downloads_are_retried_then_rejected_before_data_changes(project: Project) -> None:
-    from mnist_mlops.data import load_sample, npz_bytes
+    from mnist_mlops.training.data import load_sample, npz_bytes
 
     project.cli("fetch")  # the good data/ the failed run must not replace
     before = state(project)
@@ -326,8 +326,8 @@ def save(self, filepath, *a, **kw):
         fh.truncate(4096)
     raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
 keras.Model.save = save
-sys.argv = ["mnist_mlops.stages", "train"]
-runpy.run_module("mnist_mlops.stages", run_name="__main__")
+sys.argv = ["mnist_mlops.training.stages", "train"]
+runpy.run_module("mnist_mlops.training.stages", run_name="__main__")
 """
 
 
@@ -345,7 +345,7 @@ def test_disk_full_while_saving_the_model_fails_cleanly(trained_project: Project
         if tmpfs:
             for name, raw in saved.items():
                 (model_dir / name).write_bytes(raw)
-            cmd = [sys.executable, "-m", "mnist_mlops.stages", "train"]
+            cmd = [sys.executable, "-m", "mnist_mlops.training.stages", "train"]
         else:
             cmd = [sys.executable, "-c", ENOSPC_SHIM]
         proc = subprocess.run(cmd, cwd=copy.root, env=copy.env, capture_output=True, text=True, timeout=500)

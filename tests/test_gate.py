@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def digits():
-    from mnist_mlops.data import load_sample
+    from mnist_mlops.training.data import load_sample
     from mnist_mlops.preprocess import normalize
 
     d = load_sample()

@@ -107,7 +107,7 @@ def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project
 
 def test_second_run_fails_fast_while_one_holds_the_lock(project: Project) -> None:
     from mnist_mlops.config import Paths
-    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.platform.locking import pipeline_lock
 
     with pipeline_lock(Paths(project.root).lock):
         proc = project.cli("run", check=False)
@@ -123,9 +123,9 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("determinism")  # fit() logs per-epoch metrics
     from mnist_mlops.config import Paths, validate
-    from mnist_mlops.data import fetch
-    from mnist_mlops.evaluate import probabilities, score
-    from mnist_mlops.prepare import load_split, prepare
+    from mnist_mlops.training.data import fetch
+    from mnist_mlops.training.evaluate import probabilities, score
+    from mnist_mlops.training.prepare import load_split, prepare
 
     params = validate({"model": {"filters": [8], "convs_per_block": 1, "dense_units": 16},
                        "train": {"epochs": 1}})
@@ -133,7 +133,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     fetch(params.data, paths.data, tmp_path / "cache")
     prepare(paths, params.prepare)
     test = load_split(paths.prepared, "test")
-    from mnist_mlops.train import fit
+    from mnist_mlops.training.train import fit
 
     scores, weights = [], []
     for _ in range(2):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BIN, free_port
 from mnist_mlops.config import write_params
-from mnist_mlops.scheduling import start_group, stop_group, wait_http
+from mnist_mlops.platform.scheduling import start_group, stop_group, wait_http
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, free_port
-from mnist_mlops.scheduling import start_group, stop_group, wait_http
+from mnist_mlops.platform.scheduling import start_group, stop_group, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_push_then_pull_into_a_fresh_clone(project, s3_endpoint, tmp_path, monke
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     from mnist_mlops.config import Paths
-    from mnist_mlops.versioning import version_data
+    from mnist_mlops.platform.versioning import version_data
 
     paths = Paths(project.root)
     result = version_data(paths.root, paths.data, paths.data_dvc)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, free_port
 from mnist_mlops.config import write_params
-from mnist_mlops.scheduling import start_group
+from mnist_mlops.platform.scheduling import start_group
 
 pytestmark = pytest.mark.slow
 

@@ -154,7 +154,7 @@ def test_mlflow_ui_binds_loopback_only_by_default(trained_project: Project, tmp_
 @pytest.mark.timeout(300)
 def test_schedule_prefect_server_binds_loopback_only(project: Project) -> None:
     """`mnist-mlops schedule` starts `prefect server start` on 127.0.0.1 (there is no --host)."""
-    from mnist_mlops import scheduling
+    from mnist_mlops.platform import scheduling
 
     port = free_port()
     env = dict(project.env)
@@ -202,7 +202,7 @@ def test_api_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
     """The middleware's check goes through hmac.compare_digest (a spy, the real function runs)."""
     import hmac
 
-    from mnist_mlops.service import Guard
+    from mnist_mlops.serving.service import Guard
 
     calls = []
     real = hmac.compare_digest
@@ -273,7 +273,7 @@ def _lambda_model():
 
 def test_model_files_are_loaded_in_keras_safe_mode(tmp_path: Path) -> None:
     """A .keras file carrying Python code (a Lambda layer) is refused by the project's loader."""
-    from mnist_mlops.evaluate import load_keras
+    from mnist_mlops.training.evaluate import load_keras
 
     path = tmp_path / "evil.keras"
     _lambda_model().save(path)

@@ -148,7 +148,7 @@ def test_every_input_layout_gives_the_same_answer(server: Server, test_split) ->
 
 def test_predict_image_uses_the_mnist_conversion(server: Server, test_split) -> None:
     """An uploaded picture is classified exactly as its imaging.to_mnist conversion sent as pixels."""
-    from mnist_mlops import imaging
+    from mnist_mlops.serving import imaging
 
     x, y = test_split
     for i, fmt in ((0, "PNG"), (1, "JPEG"), (2, "PNG")):
@@ -309,7 +309,7 @@ def test_api_key_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from mnist_mlops.service import Guard
+    from mnist_mlops.serving.service import Guard
 
     app = Starlette(routes=[Route(p, lambda _r: PlainTextResponse("ok"), methods=["GET", "POST"])
                             for p in ("/predict", "/readyz", "/healthz", "/metrics")])

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mnist_mlops.errors import UserError
-from mnist_mlops.tracking import quiet_env
+from mnist_mlops.platform.tracking import quiet_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, track, promote and serve a ConvNet on MNIST.")
@@ -46,13 +46,13 @@ def run(
 ) -> None:
     """Run the whole pipeline: fetch, version, prepare, train, evaluate, promote, package."""
     from mnist_mlops.config import Paths, load_params, tracking_uri, write_params
-    from mnist_mlops.locking import pipeline_lock
+    from mnist_mlops.platform.locking import pipeline_lock
 
     root = _root()
     overrides = [*(set_ or []), *([f"data.source={source}"] if source else [])]
     load_params(root, overrides)  # fail on bad params before any work
     with pipeline_lock(Paths(root).lock):
-        from mnist_mlops import prefect_server
+        from mnist_mlops.platform import prefect_server
 
         server = prefect_server.start()  # boots in parallel with the imports below
         changed = write_params(root, overrides)
@@ -74,7 +74,7 @@ def fetch(
 ) -> None:
     """Fetch the data source into data/ (validated, written atomically) without training."""
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.data import fetch as fetch_data
+    from mnist_mlops.training.data import fetch as fetch_data
 
     root = _root()
     params = load_params(root, [*(set_ or []), *([f"data.source={source}"] if source else [])])
@@ -88,8 +88,8 @@ def fetch(
 def verify() -> None:
     """Check that data/ is what data.dvc pins: a hand-edited or corrupt file is reported (exit 2)."""
     from mnist_mlops.config import Paths
-    from mnist_mlops.data import dvc_md5
-    from mnist_mlops.versioning import data_drift
+    from mnist_mlops.training.data import dvc_md5
+    from mnist_mlops.platform.versioning import data_drift
 
     paths = Paths(_root())
     pinned = dvc_md5(paths.data_dvc)
@@ -111,7 +111,7 @@ def promote(
     """Make VERSION the champion by hand (refuses one below the accuracy floor unless --force)."""
     from mnist_mlops import registry
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     root = _root()
     params = load_params(root)
@@ -127,7 +127,7 @@ def promote(
 def rollback() -> None:
     """Move the champion back to the version it replaced."""
     from mnist_mlops import registry
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     setup_mlflow(_root())
     d = registry.rollback()
@@ -159,7 +159,7 @@ def package(
     force: Annotated[bool, typer.Option(help="Rebuild even if the champion's Bento exists.")] = False,
 ) -> None:
     """Import the champion into the BentoML store and build its Bento (bentofile.yaml)."""
-    from mnist_mlops.package import package_champion
+    from mnist_mlops.serving.package import package_champion
 
     result = package_champion(_root(), force=force)
     print_summary("mnist-mlops package", {"bento": result["bento"], "model": result["model"],
@@ -173,7 +173,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
 ) -> None:
     """Serve the champion's Bento over HTTP (built first if missing; Ctrl-C stops it)."""
-    from mnist_mlops.package import champion_bento, package_champion
+    from mnist_mlops.serving.package import champion_bento, package_champion
 
     root = _root()
     try:
@@ -245,7 +245,7 @@ def schedule(
     import signal
 
     from mnist_mlops.config import load_params
-    from mnist_mlops.scheduling import prefect_api
+    from mnist_mlops.platform.scheduling import prefect_api
 
     if (cron is None) == (interval is None):
         raise UserError("give exactly one of --cron or --interval")
@@ -297,15 +297,15 @@ def sweep(
 ) -> None:
     """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
     from mnist_mlops.config import Paths, load_params, write_params
-    from mnist_mlops.locking import pipeline_lock
-    from mnist_mlops.sweep import combinations
+    from mnist_mlops.platform.locking import pipeline_lock
+    from mnist_mlops.training.sweep import combinations
 
     root = _root()
     load_params(root, set_)
     combos = combinations(root, grid, base=set_)
     err_console.print(f"sweep: {len(combos)} combinations")
     with pipeline_lock(Paths(root).lock):
-        from mnist_mlops import prefect_server
+        from mnist_mlops.platform import prefect_server
 
         server = prefect_server.start()  # boots in parallel with the imports below
         changed = write_params(root, set_)

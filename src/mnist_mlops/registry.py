@@ -66,7 +66,7 @@ def rescore(version: str, x: np.ndarray, y: np.ndarray):
     """Load a registered version and score it on the given test data (never trust old runs)."""
     import mlflow
 
-    from mnist_mlops.evaluate import probabilities, score
+    from mnist_mlops.training.evaluate import probabilities, score
 
     model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
                                     load_model_kwargs={"safe_mode": True, "compile": False})
@@ -154,7 +154,7 @@ def rollback() -> Decision:
 
 
 def test_data(prepared: Path) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    from mnist_mlops.prepare import load_split
+    from mnist_mlops.training.prepare import load_split
 
     try:
         split = load_split(prepared, "test")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import Params, Paths
-from mnist_mlops.prepare import load_split
+from mnist_mlops.training.prepare import load_split
 
 
 def make_deterministic(seed: int, deterministic: bool) -> None:
@@ -114,7 +114,7 @@ def save_atomic(model, path: Path) -> None:
 
 def fit(params: Params, paths: Paths, callbacks: list | None = None):
     """Build and fit the ConvNet on the prepared splits; returns (model, history rows)."""
-    from mnist_mlops.model import build_model
+    from mnist_mlops.training.model import build_model
 
     make_deterministic(params.train.seed, params.train.deterministic)
     train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
@@ -137,8 +137,8 @@ def train(params: Params, paths: Paths) -> str:
     """The `train` stage: fit, save the model and curves, log it all to a new MLflow run."""
     import mlflow
 
-    from mnist_mlops.plots import learning_curves
-    from mnist_mlops.tracking import PARENT_RUN_ENV, close_stale_runs, run_tags, setup_mlflow
+    from mnist_mlops.training.plots import learning_curves
+    from mnist_mlops.platform.tracking import PARENT_RUN_ENV, close_stale_runs, run_tags, setup_mlflow
 
     setup_mlflow(paths.root)
     for stale in close_stale_runs():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import Paths, PrepareParams
-from mnist_mlops.data import read_data, validate
+from mnist_mlops.training.data import read_data, validate
 from mnist_mlops.preprocess import normalize
 
 SPLITS = ("train", "val", "test")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import MODEL_NAME, Params, Paths
-from mnist_mlops.prepare import load_split
+from mnist_mlops.training.prepare import load_split
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def write_confusion_csv(y: np.ndarray, pred: np.ndarray, path: Path) -> None:
 
 
 def write_figures(model, x, y, probs, params: Params, paths: Paths) -> list[Path]:
-    from mnist_mlops import plots
+    from mnist_mlops.training import plots
 
     pred = probs.argmax(axis=1)
     figs = paths.figures
@@ -125,7 +125,7 @@ def evaluate(params: Params, paths: Paths) -> dict:
     """The `evaluate` stage: metrics + plots for DVC, the same logged to the training run."""
     import mlflow
 
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     test = load_split(paths.prepared, "test")
     model = load_keras(paths.model_file)

@@ -23,7 +23,7 @@ KERAS_FILE = f"{MLFLOW_FOLDER}/data/model.keras"  # the mlflow.keras flavor's fi
 def champion_info(root: Path) -> dict:
     """The champion's registered version, run id, data md5 and test accuracy (UserError if none)."""
     from mnist_mlops import registry
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     setup_mlflow(root)
     version = registry.require_champion()

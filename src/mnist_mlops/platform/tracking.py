@@ -112,7 +112,7 @@ def git_commit(root: Path) -> str:
 
 def run_tags(paths: Paths, source: str) -> dict[str, str]:
     """Lineage tags every training run carries: data version, source, code, flow run."""
-    from mnist_mlops.data import dvc_md5
+    from mnist_mlops.training.data import dvc_md5
 
     return {
         "data.md5": dvc_md5(paths.data_dvc) or "untracked",

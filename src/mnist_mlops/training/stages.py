@@ -1,4 +1,4 @@
-"""Entry point of the DVC stages (`python -m mnist_mlops.stages NAME`).
+"""Entry point of the DVC stages (`python -m mnist_mlops.training.stages NAME`).
 
 `dvc.yaml` and the Prefect flow both run the stages through here, so there is exactly
 one implementation of each step and `dvc repro` alone gives what the flow gives.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnist_mlops.tracking import quiet_env
+from mnist_mlops.platform.tracking import quiet_env
 
 
 def run_stage(name: str, root: Path) -> None:
@@ -18,16 +18,16 @@ def run_stage(name: str, root: Path) -> None:
     params = load_params(root)
     paths = Paths(root)
     if name == "prepare":
-        from mnist_mlops.prepare import prepare
+        from mnist_mlops.training.prepare import prepare
 
         sizes = prepare(paths, params.prepare)
         print(f"prepare: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test digits")
     elif name == "train":
-        from mnist_mlops.train import train
+        from mnist_mlops.training.train import train
 
         print(f"train: MLflow run {train(params, paths)}")
     elif name == "evaluate":
-        from mnist_mlops.evaluate import evaluate
+        from mnist_mlops.training.evaluate import evaluate
 
         r = evaluate(params, paths)
         print(f"evaluate: test accuracy {r['accuracy']:.4f}, registered version {r['version']}")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_env()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m mnist_mlops.stages prepare|train|evaluate")
+        raise SystemExit("usage: python -m mnist_mlops.training.stages prepare|train|evaluate")
     try:
         run_stage(args[0], Path.cwd())
     except UserError as exc:

@@ -4,9 +4,9 @@ Endpoints
 - POST /predict        JSON {"images": [...]}: one 28×28 digit or many (floats in [0, 1] or
                        integers 0–255, with or without the channel axis). Adaptive batching.
 - POST /predict_image  multipart field `image`: a PNG/JPEG of any size, converted the classic
-                       MNIST way (mnist_mlops.imaging) and normalised like the training data.
+                       MNIST way (mnist_mlops.serving.imaging) and normalised like the training data.
 - GET  /model          which model answers: registered version, MLflow run id, data md5, accuracy.
-- GET  /ui/            the drawing page (static files from mnist_mlops/ui/).
+- GET  /ui/            the drawing page (static files from mnist_mlops/serving/ui/).
 - /healthz /livez /readyz /metrics (Prometheus) and the OpenAPI page at / — BentoML's own.
 
 Bad input never reaches the model: /predict's `images` is checked and normalised by a
@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from mnist_mlops.config import MODEL_NAME, ServeParams
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 
-logger = logging.getLogger("mnist_mlops.service")
+logger = logging.getLogger("mnist_mlops.serving.service")
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"
@@ -342,7 +342,7 @@ class MnistClassifier:
     @bentoml.api
     def predict_image(self, image: Path) -> Prediction:
         """Classify a PNG/JPEG digit of any size (dark ink on light paper, or light on dark)."""
-        from mnist_mlops.imaging import ImageError, ImageTooLarge, image_to_input
+        from mnist_mlops.serving.imaging import ImageError, ImageTooLarge, image_to_input
 
         try:
             data = image.read_bytes()

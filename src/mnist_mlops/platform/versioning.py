@@ -46,7 +46,7 @@ def has_remote(repo) -> bool:
 
 def version_data(root: Path, data_dir: Path, data_dvc: Path) -> VersionResult:
     """`dvc add data` (a no-op hash check when unchanged), then `dvc push` if a remote exists."""
-    from mnist_mlops.data import dvc_md5
+    from mnist_mlops.training.data import dvc_md5
 
     before = dvc_md5(data_dvc)
     with dvc_repo(root) as repo:
@@ -78,7 +78,7 @@ def data_drift(root: Path, data_dir: Path, data_dvc: Path) -> str | None:
     import hashlib
     import json
 
-    from mnist_mlops.data import dvc_md5
+    from mnist_mlops.training.data import dvc_md5
 
     pinned = dvc_md5(data_dvc)
     if pinned is None or not data_dir.is_dir() or data_matches_pin(root, data_dvc):

@@ -3,7 +3,7 @@
 Design (one implementation of each step, DVC and the registry kept consistent):
 1. `--grid section.key=v1,v2` lists are expanded into combinations, each validated as params.
 2. One parent MLflow run; each combination trains in its own process
-   (`python -m mnist_mlops.sweep --out DIR -S k=v ...`) through the same `train.train` the
+   (`python -m mnist_mlops.training.sweep --out DIR -S k=v ...`) through the same `train.train` the
    `train` stage uses, as a nested child run (MNIST_MLOPS_PARENT_RUN_ID), writing its model
    and curves into its own work dir. Children see only train/val data: no test metric
    exists before the choice, so the choice cannot use it.
@@ -107,7 +107,7 @@ def start_parent(root: Path, specs: list[str], combos: list[list[str]], tags: di
     """The parent run (left RUNNING so children can nest under it; `finish_parent` ends it)."""
     import mlflow
 
-    from mnist_mlops.tracking import EXPERIMENT, setup_mlflow
+    from mnist_mlops.platform.tracking import EXPERIMENT, setup_mlflow
 
     setup_mlflow(root)
     client = mlflow.MlflowClient()
@@ -122,7 +122,7 @@ def start_parent(root: Path, specs: list[str], combos: list[list[str]], tags: di
 def record_candidate(root: Path, parent_run_id: str, cand: Candidate) -> None:
     import mlflow
 
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     setup_mlflow(root)
     client = mlflow.MlflowClient()
@@ -133,7 +133,7 @@ def record_candidate(root: Path, parent_run_id: str, cand: Candidate) -> None:
 def finish_parent(root: Path, parent_run_id: str, best: Candidate | None, ok: bool) -> None:
     import mlflow
 
-    from mnist_mlops.tracking import setup_mlflow
+    from mnist_mlops.platform.tracking import setup_mlflow
 
     setup_mlflow(root)
     client = mlflow.MlflowClient()
@@ -172,12 +172,12 @@ def final_val(history: Path) -> tuple[float, float]:
 def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id: str,
                     workdir: Path) -> Candidate:
     """Train one combination in a fresh process as a child run of `parent_run_id`."""
-    from mnist_mlops.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
+    from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
 
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root)}
     env.setdefault(FLOW_RUN_ENV, "none")
-    cmd = [sys.executable, "-m", "mnist_mlops.sweep", "--out", str(workdir)]
+    cmd = [sys.executable, "-m", "mnist_mlops.training.sweep", "--out", str(workdir)]
     for override in overrides:
         cmd += ["-S", override]
     proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -204,7 +204,7 @@ def best(candidates: list[Candidate]) -> Candidate:
 def install(root: Path, winner: Candidate) -> list[str]:
     """Make the winner the project's trained model: params.yaml, train outputs, dvc.lock."""
     from mnist_mlops.config import write_params
-    from mnist_mlops.versioning import dvc_repo
+    from mnist_mlops.platform.versioning import dvc_repo
 
     paths = Paths(root)
     changed = write_params(root, winner.overrides)
@@ -236,21 +236,21 @@ def summary_rows(candidates: list[Candidate], winner: Candidate | None) -> list[
 
 
 def child_main(argv: list[str] | None = None) -> None:
-    """`python -m mnist_mlops.sweep --out DIR [-S section.key=value ...]`: one candidate."""
+    """`python -m mnist_mlops.training.sweep --out DIR [-S section.key=value ...]`: one candidate."""
     import argparse
 
     from mnist_mlops.config import project_root
-    from mnist_mlops.tracking import quiet_env
+    from mnist_mlops.platform.tracking import quiet_env
 
     quiet_env()
-    ap = argparse.ArgumentParser(prog="python -m mnist_mlops.sweep")
+    ap = argparse.ArgumentParser(prog="python -m mnist_mlops.training.sweep")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     try:
         root = project_root()
         params: Params = load_params(root, args.overrides)
-        from mnist_mlops.train import train
+        from mnist_mlops.training.train import train
 
         paths = candidate_paths(root, args.out.resolve())
         run_id = train(params, paths)

@@ -1,0 +1,1 @@
+"""Monitoring: drift statistics and live accuracy on what the service sees (next: the monitor flow)."""

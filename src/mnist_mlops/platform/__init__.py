@@ -1,0 +1,1 @@
+"""Platform: MLflow set-up, DVC calls, locks, Prefect servers and helper processes, preloading."""

@@ -1,0 +1,1 @@
+"""Serving: the BentoML service, image conversion, packaging into a Bento, the drawing page."""

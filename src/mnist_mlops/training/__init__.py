@@ -1,0 +1,1 @@
+"""Training: data sources, prepare, the model, training, evaluation, figures, DVC stages, sweeps."""
