@@ -1,128 +1,151 @@
-"""A temporary Prefect API for one `mnist-mlops run`, started early so it boots in parallel.
+"""The Prefect servers the project starts: one way to start one, for every command.
 
-Without PREFECT_API_URL, Prefect starts its own temporary server at the flow's first API
-call: it imports the whole Prefect server package into the CLI process, then starts the
-same server in a subprocess and waits for it, all after the CLI's own imports. Here the
-subprocess starts first and boots on another core while the CLI imports Prefect and the
-flow, and the CLI process never imports the server package (measured in
-benchmarks/pipeline.py). The server is the one Prefect's temporary mode runs (same app,
-same settings, database in $PREFECT_HOME), and is stopped at exit like Prefect's, after
-Prefect has flushed its logs and events to it (Prefect's own exit hooks run first).
+- `mnist-mlops run` / `sweep` start a server early (`start`), so it boots on another core
+  while the CLI imports Prefect and the flow, and point Prefect at it (`api`). Without it,
+  Prefect would import its whole server package into the CLI and start its own temporary
+  server only at the flow's first API call (measured in benchmarks/pipeline.py).
+- `mnist-mlops schedule` and `prefect-ui` use `prefect_api`: `$PREFECT_API_URL` when it
+  names a server, else a local server on the given port, stopped on the way out.
 
-No Prefect import here, so starting it costs the CLI nothing.
+Every server is `prefect server start` on 127.0.0.1 (public CLI and settings only), with
+its database in `$PREFECT_HOME` (so runs stay findable after the command ends), its UI
+told where its own API is (`PREFECT_UI_API_URL`: the UI works on any port), and it runs
+under the supervisor of `processes`, so it ends with the command however that ends.
+No Prefect import here: starting a server costs the CLI nothing.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_mlops.errors import UserError
+from mnist_mlops.platform.processes import (
+    LOOPBACK,
+    ServerProcess,
+    executable,
+    free_port,
+    port_free,
+    start_group,
+    wait_http,
+)
 
-LOOPBACK = "127.0.0.1"
-# Prefect's own temporary server: no UI, ephemeral-mode services (see prefect.server.api.server).
-SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 STARTUP_TIMEOUT_S = 300  # a busy 2-core machine took 35 s; Prefect's own default gives up at ~20 s
+DEFAULT_UI_PORT = 4200
 
 
 @dataclass
-class EarlyServer:
-    proc: subprocess.Popen
-    api_url: str
-    log: Path
-    started: float
+class PrefectServer(ServerProcess):
+    started: float = field(default_factory=time.perf_counter)
     ready: bool = False
 
-
-_server: EarlyServer | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout)
-            return
-        except (ProcessLookupError, PermissionError):
-            return
-        except subprocess.TimeoutExpired:
-            continue
+_early: PrefectServer | None = None
 
 
-def start() -> EarlyServer | None:
-    """Start the server now, without waiting; None when PREFECT_API_URL names a server."""
-    global _server
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    if _server is not None and _server.proc.poll() is None:
-        return _server
-    port = _free_port()
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    log = home / "mnist-mlops-run-server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-           "--host", LOOPBACK, "--port", str(port), "--log-level", "error"]
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **SERVER_ENV}, start_new_session=True)
-    atexit.register(_stop, proc)  # after Prefect's exit hooks have flushed to it
-    _server = EarlyServer(proc, f"http://{LOOPBACK}:{port}/api", log, time.perf_counter())
-    return _server
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
-def wait_ready(server: EarlyServer) -> str:
-    """Block until the server answers; returns its API URL (UserError if it never does)."""
-    import httpx
+def launch(port: int, *, one_run: bool = False) -> PrefectServer:
+    """Start `prefect server start` on 127.0.0.1:PORT without waiting for it.
 
+    `one_run`: the server of a single `mnist-mlops run`: no scheduler, and no UI (nobody
+    browses it; its runs are shown later by `mnist-mlops prefect-ui`), so it starts sooner.
+    """
+    if not port_free(port):
+        raise UserError(
+            f"port {port} on {LOOPBACK} is in use: if a Prefect server runs there, "
+            f"`export PREFECT_API_URL=http://{LOOPBACK}:{port}/api`; otherwise pick another --port"
+        )
+    home = prefect_home()
+    url = f"http://{LOOPBACK}:{port}"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [executable("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    if one_run:
+        cmd += ["--no-scheduler", "--no-late-runs", "--no-ui"]
+    log = home / f"mnist-mlops-server-{port}.log"
+    proc = start_group(cmd, log, env)
+    return PrefectServer("prefect", proc, url, log)
+
+
+def wait_ready(server: PrefectServer, timeout: float = STARTUP_TIMEOUT_S) -> str:
+    """Block until the server answers; returns its API URL (UserError, server stopped, if never)."""
     if server.ready:
         return server.api_url
     waited = time.perf_counter()
-    while True:
-        if server.proc.poll() is not None:
-            raise UserError(f"the Prefect API server exited with code {server.proc.returncode}: "
-                            f"see {server.log}")
-        try:
-            if httpx.get(f"{server.api_url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() - waited > STARTUP_TIMEOUT_S:
-            raise UserError(f"the Prefect API server did not answer within {STARTUP_TIMEOUT_S} s: "
-                            f"see {server.log}")
-        time.sleep(0.5)
+    try:
+        wait_http(f"{server.api_url}/health", server.proc, timeout, ok=lambda status: status == 200)
+    except (UserError, KeyboardInterrupt) as exc:
+        tail = server.log_tail(1500)
+        server.stop()
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UserError(f"the Prefect server did not start ({exc}): see {server.log}\n{tail}") from None
     server.ready = True
     now = time.perf_counter()
     logging.getLogger("prefect.mnist_mlops").info(
-        "Prefect API on %s (temporary server, up %.1f s after start; waited %.1f s for it)",
+        "Prefect API on %s (up %.1f s after start; waited %.1f s for it)",
         server.api_url, now - server.started, now - waited)
     return server.api_url
 
 
+def start() -> PrefectServer | None:
+    """For one run: start a server now, without waiting; None when PREFECT_API_URL names one.
+
+    Stopped when this process exits (atexit, after Prefect's own exit hooks have flushed
+    logs and events to it) or, if it is killed, by its supervisor.
+    """
+    import atexit
+
+    global _early
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    if _early is not None and _early.alive():
+        return _early
+    _early = launch(free_port(), one_run=True)
+    atexit.register(_early.stop)
+    return _early
+
+
 @contextmanager
-def api(server: EarlyServer | None) -> Iterator[None]:
-    """Point Prefect at `server` (waiting for it) for the block; a no-op for None."""
+def api(server: PrefectServer | None) -> Iterator[None]:
+    """Point Prefect at `server` (waiting for it) for the block; a no-op for None.
+
+    Flow-run links in the log point at the UI of `mnist-mlops prefect-ui` (its default
+    port), which serves the same database after this command and its server are gone.
+    """
     if server is None:
         yield
         return
     url = wait_ready(server)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates={PREFECT_API_URL: url,
+                                     PREFECT_UI_URL: f"http://{LOOPBACK}:{DEFAULT_UI_PORT}"}):
         yield
+
+
+@contextmanager
+def prefect_api(port: int = DEFAULT_UI_PORT) -> Iterator[tuple[str, PrefectServer | None]]:
+    """The Prefect API to use: $PREFECT_API_URL, else a local server started (and stopped) here."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield url.rstrip("/"), None
+        return
+    server = launch(port)
+    try:
+        yield wait_ready(server), server
+    finally:
+        server.stop()

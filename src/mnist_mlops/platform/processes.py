@@ -1,8 +1,10 @@
-"""Local servers for scheduled runs: start a `prefect server` on loopback, stop it cleanly.
+"""Helper processes (Prefect, MLflow, BentoML servers): started in their own process group,
+stopped as a group, and never outliving the process that started them.
 
-No Prefect imports here: the server is a child process (its own session, so a terminal's
-Ctrl-C reaches the command, which then stops the server after the runner has paused its
-schedule). The same helpers start and stop any server process (MLflow, moto) in tests.
+Every helper runs under `mnist_mlops.platform.supervise`, a tiny process that leads the
+helper's group and ends the whole group as soon as its parent is gone, whether the parent
+exited, was interrupted, was sent SIGTERM or was SIGKILLed (Linux parent-death signal, plus
+a parent-pid check as a fallback). No heavy imports here: starting a helper costs nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass
 class ServerProcess:
-    """A server started in its own process group; `stop()` ends the whole group."""
+    """A helper server in its own process group; `stop()` ends the whole group."""
 
     name: str
     proc: subprocess.Popen
@@ -72,12 +73,23 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def supervised(cmd: list[str], parent_pid: int | None = None) -> list[str]:
+    """`cmd` wrapped so that it dies with `parent_pid` (default: this process)."""
+    parent = os.getpid() if parent_pid is None else parent_pid
+    return [sys.executable, "-m", "mnist_mlops.platform.supervise", str(parent), "--", *cmd]
+
+
 def start_group(cmd: list[str], log: Path, env: Mapping[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.Popen:
-    """Start `cmd` in a new session (its own process group), output appended to `log`."""
+                cwd: Path | None = None, die_with_parent: bool = True) -> subprocess.Popen:
+    """Start `cmd` in a new session (its own process group), output appended to `log`.
+
+    With `die_with_parent` (the default) the group ends when this process ends, however it
+    ends; `proc.pid` is then the supervisor's, which leads the group.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
+    full = supervised(cmd) if die_with_parent else cmd
     with log.open("ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, cwd=cwd,
                                 start_new_session=True)
 
@@ -116,7 +128,7 @@ def group_alive(pgid: int) -> bool:
 
 
 def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120,
-              ok=lambda status: status < 500) -> None:
+              ok: Callable[[int], bool] = lambda status: status < 500) -> None:
     """Poll `url` until it answers (and `proc`, if given, is still running)."""
     import httpx
 
@@ -136,44 +148,20 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 1
     raise UserError(f"{url} did not answer within {timeout:.0f}s ({last})")
 
 
-def prefect_home() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+def run_in_foreground(cmd: list[str], cwd: Path | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run a server (`bentoml serve`, `mlflow ui`) with this terminal's output until it ends.
 
-
-def start_prefect_server(port: int = 4200, timeout: float = 180) -> ServerProcess:
-    """`prefect server start` on 127.0.0.1:PORT (database in $PREFECT_HOME), healthy or an error."""
-    if not port_free(port):
-        raise UserError(
-            f"port {port} on {LOOPBACK} is in use: if a Prefect server runs there, "
-            f"`export PREFECT_API_URL=http://{LOOPBACK}:{port}/api`; otherwise pick another --port"
-        )
-    home = prefect_home()
-    log = home / "mnist-mlops-server.log"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    cmd = [executable("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
-    proc = start_group(cmd, log, env)
-    server = ServerProcess("prefect", proc, f"http://{LOOPBACK}:{port}", log)
+    It runs supervised in its own group, so it dies with this process even when this process
+    is SIGKILLed; Ctrl-C or SIGTERM here stops the whole group cleanly. Returns the exit code
+    (0 when stopped by Ctrl-C/SIGTERM).
+    """
+    proc = subprocess.Popen(supervised(cmd), cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(env) if env is not None else None)
     try:
-        wait_http(f"{server.url}/api/health", proc, timeout, ok=lambda status: status == 200)
-    except (UserError, KeyboardInterrupt) as exc:
-        tail = server.log_tail(1500)
-        server.stop()
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise UserError(f"Prefect server did not start: {exc}\n{tail}") from None
-    return server
-
-
-@contextmanager
-def prefect_api(port: int = 4200) -> Iterator[tuple[str, ServerProcess | None]]:
-    """The Prefect API to use: $PREFECT_API_URL, else a local server started (and stopped) here."""
-    url = os.environ.get("PREFECT_API_URL")
-    if url:
-        yield url.rstrip("/"), None
-        return
-    server = start_prefect_server(port)
-    try:
-        yield f"{server.url}/api", server
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_group(proc)
+        return 0
     finally:
-        server.stop()
+        if proc.poll() is None:
+            stop_group(proc)
