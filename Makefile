@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test install lock bench clean
+.PHONY: run test lint install lock bench clean
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ run: $(STAMP)
 	$(BIN)/mnist-mlops run
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py

@@ -1,11 +1,10 @@
-"""The sweep flow: fetch → version → prepare → train each grid combination (child runs) →
+"""The sweep flow: check → fetch → version → prepare → train each grid combination (child runs) →
 keep the best by val accuracy → evaluate → promote → package. The ML lives in
 `mnist_mlops.training.sweep`; this flow only orders the steps and records them.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
-from mnist_mlops.platform.tracking import FLOW_RUN_ENV
-from pipelines.training import fetch, package, promote, stage, summary_markdown, version
+from pipelines.training import gate_rows, package, promote, run_name, stage, summary_markdown, versioned_data
 
 
 @task(name="candidate")
@@ -41,26 +39,25 @@ def install_best(root: str, winner: dict) -> list[str]:
     return changed
 
 
-@flow(name="mnist-sweep", log_prints=True)
+@flow(name="mnist-sweep", log_prints=True, flow_run_name=run_name)
 def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bool = True,
-               lock_wait_seconds: float = 0) -> dict:
+               lock_wait_seconds: float = 0, trigger: str = "sweep") -> dict:
     """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
     MLflow run; only the best by val accuracy is evaluated, gated and packaged."""
-    from mnist_mlops.training import sweep
     from mnist_mlops.platform.locking import pipeline_lock
     from mnist_mlops.platform.tracking import run_tags
+    from mnist_mlops.training import sweep
 
     root = str(Path(root).resolve())
     paths = Paths(Path(root))
     params = load_params(paths.root)
     combos = sweep.combinations(paths.root, grid)
     with pipeline_lock(paths.lock, wait_seconds=lock_wait_seconds):
-        os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
-        fetched = fetch.with_options(retries=params.data.retries,
-                                     retry_delay_seconds=params.data.retry_delay_seconds)(root, params)
-        versioned = version(root)
+        summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
+                   **versioned_data(root, params)}
         stage.with_options(name="prepare")(root, "prepare")
-        parent = sweep.start_parent(paths.root, list(grid or []), combos, run_tags(paths, fetched["source"]))
+        parent = sweep.start_parent(paths.root, list(grid or []), combos,
+                                    run_tags(paths, summary["data source"]))
         paths.artifacts.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".sweep-", dir=paths.artifacts))
         winner = None
@@ -77,19 +74,13 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
             raise
         finally:
             sweep.cleanup(work)
-        summary = {
-            "data md5": versioned["md5"],
-            "data source": fetched["source"],
+        summary |= {
             "candidates": len(cands),
             "best": winner.label,
             "best val accuracy": f"{winner.val_accuracy:.4f}",
             "MLflow parent run id": parent,
-            "MLflow run id": gate["run_id"],
             "evaluated": "yes" if evaluated else "no (DVC skipped: unchanged)",
-            "model version": gate["version"],
-            "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
-            "promoted": "yes" if gate["promoted"] else "no",
-            "why": gate["reason"],
+            **gate_rows(gate),
         }
         if package_bento and gate["promoted"]:
             summary["bento"] = package(root)["bento"]

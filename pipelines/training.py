@@ -16,9 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from mnist_mlops.platform import preload
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
+from mnist_mlops.platform import preload
 from mnist_mlops.platform.tracking import FLOW_RUN_ENV
 
 
@@ -107,12 +107,13 @@ def promote(root: str, min_accuracy: float) -> dict:
     """The champion gate on the version the evaluate stage registered."""
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
+    from mnist_mlops.training.prepare import test_split
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
     registered = json.loads(paths.registered.read_text())
-    x, y = registry.test_data(paths.prepared)
-    decision = registry.gate(registered["version"], x, y, min_accuracy)
+    test = test_split(paths, load_params(paths.root))
+    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy)
     get_run_logger().info("version %s %s: %s", decision.version,
                           "promoted to champion" if decision.promoted else "not promoted", decision.reason)
     return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
@@ -134,10 +135,22 @@ def summary_markdown(summary: dict) -> str:
     return f"# MNIST training run\n\n| item | value |\n|---|---|\n{rows}\n"
 
 
-@flow(name="mnist-training", log_prints=True)
-def training_flow(root: str = ".", overrides: list[str] | None = None, package_bento: bool = True,
-                  lock_wait_seconds: float = 0) -> dict:
-    """The whole pipeline. `overrides` are `section.key=value` strings already in params.yaml.
+def run_name() -> str:
+    """`manual · data a9f0bd22`: what started the run and the data version it started from,
+    so runs can be told apart in the Prefect UI (called by Prefect when the run is created)."""
+    from mnist_mlops.platform.versioning import dvc_md5
+
+    parameters = flow_run.get_parameters()
+    md5 = dvc_md5(Paths(Path(parameters.get("root", "."))).data_dvc) or "none yet"
+    return f"{parameters.get('trigger', 'manual')} · data {md5[:8]}"
+
+
+@flow(name="mnist-training", log_prints=True, flow_run_name=run_name)
+def training_flow(root: str = ".", package_bento: bool = True, lock_wait_seconds: float = 0,
+                  trigger: str = "manual") -> dict:
+    """The whole pipeline, on the params in params.yaml (the CLI writes `--set` overrides there).
+
+    `trigger` says what started the run (manual, schedule, monitor): it names the run.
 
     Holds the project's pipeline lock for the whole run, however the run was started (CLI,
     schedule, worker): a second run fails fast, or waits up to `lock_wait_seconds`.
@@ -146,42 +159,56 @@ def training_flow(root: str = ".", overrides: list[str] | None = None, package_b
 
     quiet_user_error_tracebacks()
     root = str(Path(root).resolve())
-    params = load_params(Path(root), overrides)
+    params = load_params(Path(root))
     with pipeline_lock(Paths(Path(root)).lock, wait_seconds=lock_wait_seconds):
         return run_pipeline(root, params, package_bento)
 
 
-def run_pipeline(root: str, params: Params, package_bento: bool) -> dict:
-    """The flow's body, run under the pipeline lock (call it only inside a flow)."""
-    os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
+def versioned_data(root: str, params: Params) -> dict:
+    """The steps every flow starts with: tracking reachable, data/ checked, fetched, versioned.
 
+    Call inside a flow, under the pipeline lock. Returns the summary rows they contribute.
+    """
+    os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
     check_tracking.with_options(retries=TRACKING_RETRIES,
                                 retry_delay_seconds=TRACKING_RETRY_DELAY_SECONDS)(root)
     drift = check_data(root)
     fetched = fetch.with_options(retries=params.data.retries,
                                  retry_delay_seconds=params.data.retry_delay_seconds)(root, params)
     versioned = version(root)
-    ran: dict[str, bool] = {}
-    for name in ("prepare", "train", "evaluate"):
-        if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
-            preload.in_background("tensorflow", "keras")
-        ran[name] = stage.with_options(name=name)(root, name)
-    gate = promote(root, params.evaluate.min_accuracy)
-    summary = {
+    return {
         "data md5": versioned["md5"],
         "data source": fetched["source"],
         "digits": fetched["count"],
         **({"data check": f"{drift}: restored from the source"} if drift else {}),
-        "trained": "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)",
+    }
+
+
+def gate_rows(gate: dict) -> dict:
+    """Summary rows of the champion gate's decision."""
+    return {
         "MLflow run id": gate["run_id"],
         "model version": gate["version"],
         "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
         "promoted": "yes" if gate["promoted"] else "no",
         "why": gate["reason"],
     }
+
+
+def run_pipeline(root: str, params: Params, package_bento: bool) -> dict:
+    """The flow's body, run under the pipeline lock (call it only inside a flow)."""
+    summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
+               **versioned_data(root, params)}
+    ran: dict[str, bool] = {}
+    for name in ("prepare", "train", "evaluate"):
+        if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
+            preload.in_background("tensorflow", "keras")
+        ran[name] = stage.with_options(name=name)(root, name)
+    gate = promote(root, params.evaluate.min_accuracy)
+    summary["trained"] = "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)"
+    summary |= gate_rows(gate)
     if package_bento and gate["promoted"]:
-        bento = package(root)
-        summary["bento"] = bento["bento"]
+        summary["bento"] = package(root)["bento"]
     create_markdown_artifact(markdown=summary_markdown(summary), key="training-summary",
                              description="summary of the training run")
     return summary

@@ -79,3 +79,12 @@ def test_cli_bad_param_stops_before_any_work(project) -> None:
                      "to 1 (got -1)"]
     assert not (project.root / "data").exists()
     assert not (project.root / "mlflow.db").exists()
+
+
+def test_params_yaml_and_the_code_defaults_agree() -> None:
+    """Two places hold the defaults (the file users edit, the typed model): they must not drift."""
+    import yaml
+
+    from mnist_mlops.config import Params, validate
+
+    assert validate(yaml.safe_load((REPO / "params.yaml").read_text())) == Params()

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Project, free_port
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+
+from conftest import BIN, Project, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -266,12 +267,14 @@ def test_flow_reports_hand_edited_data_and_keeps_the_champion_over_a_below_floor
     assert after["data"] == before["data"] and after["data.dvc"] == before["data.dvc"]
     assert copy.cli("verify").returncode == 0
     assert "stage train skipped" in out  # restored data = pinned data: nothing to retrain
-    # the evaluate stage re-ran (new floor) and registered a version the gate refused
-    assert after["versions"] == [1, 2]
+    # a new floor re-gates the registered version; it does not re-run evaluate or register again
+    assert "stage evaluate skipped" in out, out[-4000:]
+    assert after["versions"] == [1]
     assert after["champion"] == "1" and after["bentos"] == before["bentos"]
     assert re.search(r"promoted\s*│\s*no", out) or "not promoted" in out, out[-3000:]
-    version = copy.mlflow_client().get_model_version(MODEL_NAME, "2")
-    assert version.tags.get("gate.decision") == "rejected", version.tags
+    assert "below the floor" in out and "stays champion" in out, out[-3000:]
+    version = copy.mlflow_client().get_model_version(MODEL_NAME, "1")
+    assert version.tags.get("gate.min_accuracy") == "0.9999", version.tags
 
 
 # --------------------------------------------------------------------------- MLflow unreachable
@@ -350,8 +353,8 @@ def test_disk_full_while_saving_the_model_fails_cleanly(trained_project: Project
             cmd = [sys.executable, "-c", ENOSPC_SHIM]
         proc = subprocess.run(cmd, cwd=copy.root, env=copy.env, capture_output=True, text=True, timeout=500)
         assert proc.returncode == 2, proc.stderr[-4000:]
-        assert error_lines(proc.stderr) == [
-            f"error: cannot save the model to {model_dir / 'model.keras'}: No space left on device"], proc.stderr[-4000:]
+        expected = f"error: cannot save the model to {model_dir / 'model.keras'}: No space left on device"
+        assert error_lines(proc.stderr) == [expected], proc.stderr[-4000:]
         assert "Traceback" not in proc.stderr
         assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == saved  # old model, no temp file
     finally:

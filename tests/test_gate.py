@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def digits():
-    from mnist_mlops.training.data import load_sample
     from mnist_mlops.preprocess import normalize
+    from mnist_mlops.training.data import load_sample
 
     d = load_sample()
     order = np.random.default_rng(0).permutation(len(d.labels))  # the sample is sorted by digit
@@ -150,3 +150,56 @@ def test_manual_promote_force_and_rollback(store, digits, models) -> None:
         registry.rollback()
     with pytest.raises(UserError, match="has no version 99"):
         registry.promote("99", xt, yt, 0.5)
+
+
+def test_a_new_floor_regates_the_same_version_without_registering_again(store, digits, models) -> None:
+    """`--set evaluate.min_accuracy=…` re-runs the gate on the registered version, never re-registers."""
+    _, _, xt, yt = digits
+    good = register(models["good"])
+    assert registry.gate(good, xt, yt, 0.5).promoted
+    # same floor: the decision stands; a higher floor than the champion scores keeps it (never demotes)
+    assert registry.gate(good, xt, yt, 0.5).reason.startswith("already decided")
+    high = registry.gate(good, xt, yt, 0.9999)
+    assert not high.promoted and "stays champion" in high.reason and champion(store) == good
+    # a version refused under an old floor is decided again when the floor drops
+    worse = register(models["worse"])
+    floor = registry.gate(worse, xt, yt, 0.99)
+    assert not floor.promoted and "below the floor" in floor.reason
+    again = registry.gate(worse, xt, yt, 0.1)
+    assert not again.reason.startswith("already decided") and "worse than champion" in again.reason
+    assert sorted(int(v.version) for v in store.search_model_versions(f"name='{MODEL_NAME}'")) == [1, 2]
+
+
+def test_promote_holds_the_floor_without_a_prepared_split(store, digits, models, tmp_path, monkeypatch) -> None:
+    """A fresh clone has no artifacts/: `mnist-mlops promote` rebuilds the test split from data/,
+    or refuses with one line when there is no data either; only --force skips the floor."""
+    from typer.testing import CliRunner
+
+    from mnist_mlops.cli import app
+    from mnist_mlops.config import Params, Paths, write_params
+    from mnist_mlops.training.data import fetch
+
+    from helpers import REPO
+
+    good = register(models["good"])
+    registry.gate(good, *digits[2:], 0.5)
+    low = register(models["untrained"])
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_params(tmp_path, ["evaluate.min_accuracy=0.5"])
+    monkeypatch.setenv("MNIST_MLOPS_ROOT", str(tmp_path))
+    runner = CliRunner()
+
+    refused = runner.invoke(app, ["promote", low])
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "no test data" in str(refused.exception) or "holds no data" in str(refused.exception)
+    assert champion(store) == good
+
+    fetch(Params().data, Paths(tmp_path).data, tmp_path / "cache")  # data/ back, still no artifacts/
+    assert not Paths(tmp_path).prepared.exists()
+    below = runner.invoke(app, ["promote", low])
+    assert isinstance(below.exception, UserError) and "below the floor" in str(below.exception)
+    assert champion(store) == good and not Paths(tmp_path).prepared.exists()
+
+    forced = runner.invoke(app, ["promote", low, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert champion(store) == low

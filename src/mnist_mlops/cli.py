@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mnist_mlops.errors import UserError
+from mnist_mlops.platform.processes import run_in_foreground
 from mnist_mlops.platform.tracking import quiet_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -20,7 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a parameter: section.key=value (repeatable).")]
+SetOption = Annotated[list[str] | None,
+                      typer.Option("--set", "-S", help="Override a parameter: section.key=value (repeatable).")]
 
 
 def _root() -> Path:
@@ -29,23 +30,56 @@ def _root() -> Path:
     return project_root()
 
 
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show the libraries' own logs (TensorFlow, MLflow).")] = False,
+) -> None:
+    """Train, track, promote and serve a ConvNet on MNIST."""
+    from mnist_mlops.platform.console import filter_native_stderr
+
+    if verbose:
+        os.environ.update(MNIST_MLOPS_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="0",
+                          MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="true")
+    else:
+        filter_native_stderr()
+
+
 def print_summary(title: str, rows: dict) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # URLs and ids whole, never cut with an ellipsis
     for key, value in rows.items():
         table.add_row(str(key), str(value))
     console.print(table)
 
 
+def with_ui_rows(root: Path, summary: dict) -> dict:
+    """Where to look at the run afterwards: the Prefect UI of its flow run, the MLflow UI."""
+    from mnist_mlops.config import tracking_uri
+    from mnist_mlops.platform.prefect_server import DEFAULT_UI_PORT
+    from mnist_mlops.platform.tracking import project_runs_url
+
+    rows = dict(summary)
+    run_id = rows.pop("Prefect flow run id", None)
+    api = os.environ.get("PREFECT_API_URL")
+    ui = api.rstrip("/").removesuffix("/api") if api else f"http://127.0.0.1:{DEFAULT_UI_PORT}"
+    if run_id:
+        rows["Prefect UI"] = f"{ui}/runs/flow-run/{run_id}" + ("" if api else "  (after `mnist-mlops prefect-ui`)")
+    uri = tracking_uri(root)
+    runs = project_runs_url(root, None if uri.startswith("http") else "http://127.0.0.1:5000")
+    rows["MLflow UI"] = runs if uri.startswith("http") else f"{runs}  (after `mnist-mlops ui`)"
+    return rows
+
+
 @app.command()
 def run(
-    source: Annotated[Optional[str], typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
+    source: Annotated[str | None, typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
     set_: SetOption = None,
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
 ) -> None:
     """Run the whole pipeline: fetch, version, prepare, train, evaluate, promote, package."""
-    from mnist_mlops.config import Paths, load_params, tracking_uri, write_params
+    from mnist_mlops.config import Paths, load_params, write_params
     from mnist_mlops.platform.locking import pipeline_lock
 
     root = _root()
@@ -62,14 +96,12 @@ def run(
 
         with prefect_server.api(server):
             summary = training_flow(root=str(root), package_bento=package)
-    uri = tracking_uri(root)
-    summary["MLflow UI"] = uri if uri.startswith("http") else f"mnist-mlops ui  (store: {uri})"
-    print_summary("mnist-mlops run", summary)
+    print_summary("mnist-mlops run", with_ui_rows(root, summary))
 
 
 @app.command()
 def fetch(
-    source: Annotated[Optional[str], typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
+    source: Annotated[str | None, typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
     set_: SetOption = None,
 ) -> None:
     """Fetch the data source into data/ (validated, written atomically) without training."""
@@ -88,8 +120,7 @@ def fetch(
 def verify() -> None:
     """Check that data/ is what data.dvc pins: a hand-edited or corrupt file is reported (exit 2)."""
     from mnist_mlops.config import Paths
-    from mnist_mlops.training.data import dvc_md5
-    from mnist_mlops.platform.versioning import data_drift
+    from mnist_mlops.platform.versioning import data_drift, dvc_md5
 
     paths = Paths(_root())
     pinned = dvc_md5(paths.data_dvc)
@@ -112,11 +143,19 @@ def promote(
     from mnist_mlops import registry
     from mnist_mlops.config import Paths, load_params
     from mnist_mlops.platform.tracking import setup_mlflow
+    from mnist_mlops.training.prepare import test_split
 
     root = _root()
     params = load_params(root)
     setup_mlflow(root)
-    x, y = registry.test_data(Paths(root).prepared)
+    x = y = None
+    try:
+        test = test_split(Paths(root), params)
+        x, y = test.x, test.y
+    except UserError as exc:  # no data/ (a fresh clone), or unreadable: the floor cannot be checked
+        if not force:
+            raise UserError(f"cannot check version {version} against the floor evaluate.min_accuracy="
+                            f"{params.evaluate.min_accuracy}: {exc}; or use --force to promote unchecked") from None
     d = registry.promote(version, x, y, params.evaluate.min_accuracy, force=force)
     print_summary("mnist-mlops promote", {"champion": f"v{d.version}", "previous": d.previous_champion or "none",
                                            "test accuracy": f"{d.accuracy:.4f}" if d.accuracy is not None else "n/a",
@@ -138,20 +177,45 @@ def rollback() -> None:
 def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    open_: Annotated[bool, typer.Option("--open", help="Open the runs table in a browser.")] = False,
 ) -> None:
-    """Start the MLflow UI for the project's store (Ctrl-C stops it)."""
+    """Start the MLflow UI for the project's store and print the URL of its runs table (Ctrl-C stops it)."""
     from mnist_mlops.config import tracking_uri
+    from mnist_mlops.platform.tracking import project_runs_url
 
     root = _root()
     uri = tracking_uri(root)
-    if uri.startswith("http"):
-        raise UserError(f"MLFLOW_TRACKING_URI is a server ({uri}): open it in a browser instead")
-    console.print(f"MLflow UI on http://{host}:{port}  (store: {uri})")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    try:
-        raise typer.Exit(subprocess.call(cmd, cwd=root))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    if uri.startswith("http"):  # a tracking server serves its own UI
+        url = project_runs_url(root)
+        console.print(f"MLflow UI (tracking server): {url}")
+        if open_:
+            open_when_up(url)
+        return
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = project_runs_url(root, f"http://{shown}:{port}")
+    console.print(f"MLflow UI: {url}\n  (store: {uri}; Ctrl-C stops it)", soft_wrap=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]  # its default, 4, means four MLflow servers to import
+    if open_:
+        open_when_up(url)
+    raise typer.Exit(run_in_foreground(cmd, cwd=root))
+
+
+def open_when_up(url: str) -> None:
+    """Open `url` in the user's browser once it answers (in the background)."""
+    import threading
+    import webbrowser
+
+    from mnist_mlops.platform.processes import wait_http
+
+    def opener() -> None:
+        try:
+            wait_http(url.split("#")[0], timeout=120)
+        except UserError:
+            return
+        webbrowser.open(url)
+
+    threading.Thread(target=opener, daemon=True).start()
 
 
 @app.command()
@@ -171,24 +235,18 @@ def package(
 def serve(
     port: Annotated[int, typer.Option(help="Port of the prediction service.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    pin: Annotated[str | None, typer.Option(help="Serve this registered version only (no following).")] = None,
 ) -> None:
-    """Serve the champion's Bento over HTTP (built first if missing; Ctrl-C stops it)."""
-    from mnist_mlops.serving.package import champion_bento, package_champion
+    """Serve the champion over HTTP and follow it: a new champion is swapped in without a restart.
 
-    root = _root()
-    try:
-        tag = champion_bento(root)
-    except UserError as exc:
-        if not str(exc).startswith("no Bento"):
-            raise
-        err_console.print(f"{exc}; building it now")
-        tag = package_champion(root)["bento"]
-    console.print(f"serving {tag} on http://{host}:{port}  (docs: /, digits: POST /predict, /predict_image)")
-    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
-    try:
-        raise typer.Exit(subprocess.call(cmd, cwd=root))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    Ctrl-C stops it. `--pin VERSION` serves one version and watches nothing.
+    """
+    from mnist_mlops.serving.package import serve_command
+
+    cmd, env, tag = serve_command(_root(), host, port, pin, on_build=lambda msg: err_console.print(msg))
+    mode = f"pinned to v{pin}" if pin else "following the champion"
+    console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, /predict_image)")
+    raise typer.Exit(run_in_foreground(cmd, cwd=_root(), env=env))
 
 
 @app.command()
@@ -197,42 +255,25 @@ def predict(
     url: Annotated[str, typer.Option(help="The running service.")] = "http://127.0.0.1:3000",
 ) -> None:
     """Send images to a running service (`mnist-mlops serve`) and print what it sees."""
-    import httpx
+    from mnist_mlops.serving.client import predict_files
 
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"no such file: {', '.join(missing)}")
-    headers = {"X-API-Key": key} if (key := os.environ.get("MNIST_MLOPS_API_KEY")) else {}
     table = Table(title=f"mnist-mlops predict ({url})", title_justify="left")
     for column in ("file", "digit", "confidence", "model version", "error"):
         table.add_column(column)
-    failed = 0
-    with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
-        for path in files:
-            try:
-                resp = client.post("/predict_image", files={"image": (path.name, path.read_bytes())})
-            except httpx.HTTPError as exc:
-                raise UserError(f"no prediction service at {url} ({type(exc).__name__}): "
-                                "start one with `mnist-mlops serve`") from None
-            body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
-            if resp.status_code == 200:
-                table.add_row(path.name, str(body["digit"]), f"{body['confidence']:.3f}", str(body["model_version"]), "")
-            else:
-                failed += 1
-                detail = body.get("detail") if isinstance(body, dict) else None
-                reason = (detail[0].get("msg") if isinstance(detail, list) and detail and isinstance(detail[0], dict)
-                          else body.get("error") if isinstance(body, dict) else None) or resp.text[:200]
-                table.add_row(path.name, "", "", "", f"{resp.status_code}: {reason}")
+    answers = list(predict_files(url, files))
+    for a in answers:
+        table.add_row(a.file, "" if a.digit is None else str(a.digit),
+                      "" if a.confidence is None else f"{a.confidence:.3f}", a.model_version or "", a.error or "")
     console.print(table)
-    if failed:
+    if any(a.error for a in answers):
         raise typer.Exit(1)
 
 
 @app.command()
 def schedule(
-    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 daily).')] = None,
-    interval: Annotated[Optional[float], typer.Option(help="Run every SECONDS instead of a cron schedule.")] = None,
-    timezone: Annotated[Optional[str], typer.Option(help="Time zone of the cron schedule (default UTC).")] = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 daily).')] = None,
+    interval: Annotated[float | None, typer.Option(help="Run every SECONDS instead of a cron schedule.")] = None,
+    timezone: Annotated[str | None, typer.Option(help="Time zone of the cron schedule (default UTC).")] = None,
     name: Annotated[str, typer.Option(help="Deployment name: mnist-training/NAME.")] = "scheduled",
     port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
@@ -242,56 +283,54 @@ def schedule(
 
     Uses the server at PREFECT_API_URL, else starts `prefect server start` on 127.0.0.1.
     """
-    import signal
-
     from mnist_mlops.config import load_params
-    from mnist_mlops.platform.scheduling import prefect_api
+    from pipelines.schedule import describe_schedule, run_schedule
 
-    if (cron is None) == (interval is None):
-        raise UserError("give exactly one of --cron or --interval")
-    if interval is not None and interval <= 0:
-        raise UserError(f"--interval must be a positive number of seconds (got {interval:g})")
-    if cron is not None:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        try:
-            CronSchedule(cron=cron, timezone=timezone)
-        except ValueError as exc:
-            msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
-            raise UserError(f"--cron/--timezone: {msg.removeprefix('Value error, ')}") from None
+    when = describe_schedule(cron, interval, timezone)
     root = _root()
     load_params(root)  # fail on bad params now, not at 03:00
 
-    def stop(signum, frame):  # SIGTERM (systemd, kill) takes the same clean path as Ctrl-C
-        raise KeyboardInterrupt
+    def ready(api_url: str, started_here: bool, log: str | None) -> None:
+        ui_url = api_url.removesuffix("/api")
+        print_summary("mnist-mlops schedule", {
+            "deployment": f"mnist-training/{name}", "schedule": when, "project": str(root),
+            "Prefect server": f"{ui_url} ({'started here, log ' + str(log) if started_here else 'PREFECT_API_URL'})",
+            "Prefect UI": f"{ui_url}/deployments",
+            "manual runs on this server": f"export PREFECT_API_URL={api_url}",
+            "stop": "Ctrl-C (pauses the schedule)"})
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    run_schedule(str(root), port=port, on_ready=ready, cron=cron, interval=interval, timezone=timezone,
+                 name=name, package_bento=package, lock_wait_seconds=lock_wait)
+    err_console.print("schedule stopped (paused on the server); a local Prefect server started here is shut down")
+
+
+@app.command("prefect-ui")
+def prefect_ui(
+    port: Annotated[int, typer.Option(help="Port of the Prefect UI.")] = 4200,
+) -> None:
+    """Open the Prefect UI on the project's Prefect database: every run, manual or scheduled."""
+    import time
+
+    from mnist_mlops.platform.prefect_server import prefect_api
+
+    if os.environ.get("PREFECT_API_URL"):
+        raise UserError(f"PREFECT_API_URL names a server ({os.environ['PREFECT_API_URL']}): open its UI instead")
     try:
         with prefect_api(port) as (api_url, server):
-            os.environ["PREFECT_API_URL"] = api_url
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            from pipelines.schedule import serve_training
-
-            ui_url = api_url.removesuffix("/api")
-            when = f"cron '{cron}' ({timezone or 'UTC'})" if cron else f"every {interval:g}s"
-            rows = {"deployment": f"mnist-training/{name}", "schedule": when, "project": str(root),
-                    "Prefect server": f"{ui_url} ({'started here, log ' + str(server.log) if server else 'PREFECT_API_URL'})",
-                    "manual runs on this server": f"export PREFECT_API_URL={api_url}",
-                    "stop": "Ctrl-C (pauses the schedule)"}
-            print_summary("mnist-mlops schedule", rows)
-            with temporary_settings(updates={PREFECT_API_URL: api_url}):
-                serve_training(str(root), cron=cron, interval=interval, timezone=timezone, name=name,
-                               package_bento=package, lock_wait_seconds=lock_wait)
+            ui = api_url.removesuffix("/api")
+            print_summary("mnist-mlops prefect-ui", {"Prefect UI": f"{ui}/runs", "database": str(server.log.parent),
+                                                    "stop": "Ctrl-C"})
+            while server.alive():
+                time.sleep(1)
+            raise UserError(f"the Prefect server stopped: see {server.log}")
     except KeyboardInterrupt:
         pass
-    err_console.print("schedule stopped (paused on the server); a local Prefect server started here is shut down")
 
 
 @app.command()
 def sweep(
-    grid: Annotated[list[str], typer.Option("--grid", "-g", help="section.key=v1,v2 (repeatable): every combination is trained.")],
+    grid: Annotated[list[str], typer.Option("--grid", "-g",
+                                            help="section.key=v1,v2 (repeatable): every combination is trained.")],
     set_: SetOption = None,
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
 ) -> None:
@@ -322,12 +361,20 @@ def sweep(
         board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['val_loss']:.4f}",
                       row["run_id"], "*" if row["best"] else "")
     console.print(board)
-    print_summary("mnist-mlops sweep", summary)
+    print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    """SIGTERM (kill, timeout, systemd) takes Ctrl-C's path: flow run marked, lock released."""
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     """Console entry: user errors become one red line and exit code 2, never a traceback."""
+    import signal
+
     quiet_env()
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         app()
     except UserError as exc:

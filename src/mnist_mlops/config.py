@@ -90,6 +90,7 @@ class ServeParams(_Section):
     max_image_pixels: int = Field(25_000_000, ge=784)
     workers: int = Field(0, ge=0, le=64)
     timeout_seconds: float = Field(60.0, gt=0)
+    follow_seconds: float = Field(5.0, gt=0, le=3600)
 
 
 class Params(_Section):
@@ -181,7 +182,10 @@ def write_params(root: Path, overrides: list[str] | None) -> list[str]:
     path = root / PARAMS_FILE
     rt = YAML()
     rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
+    try:
+        doc = rt.load(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - ruamel's errors (duplicate keys...) as one line
+        raise UserError(f"{path} cannot be updated: {str(exc).splitlines()[0]} ({type(exc).__name__})") from None
     changed = []
     for section, values in nested.items():
         for key, value in values.items():

@@ -8,7 +8,6 @@ promoted or rejected, and which version it replaced (what `rollback` goes back t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +17,15 @@ from mnist_mlops.errors import UserError
 TAG_DECISION = "gate.decision"
 TAG_REASON = "gate.reason"
 TAG_PREVIOUS = "gate.previous_champion"
+MODEL_DESCRIPTION = (
+    "The MNIST ConvNet (tf.keras Conv2D 3×3 / MaxPooling2D 2×2 blocks, softmax over 10 digits), "
+    "trained by the mnist-mlops Prefect flow on the data version pinned by data.dvc. Every training "
+    "registers a version; the alias `champion` is what the service serves. A version becomes "
+    "champion only if its test accuracy clears evaluate.min_accuracy and it is not worse than the "
+    "current champion re-scored on the same test data; each version's description and gate.* tags "
+    "say what was decided and why. `mnist-mlops promote` / `rollback` move the alias by hand."
+)
+TAG_FLOOR = "gate.min_accuracy"  # the floor a decision was made under: a new floor re-gates
 
 
 @dataclass(frozen=True)
@@ -66,68 +74,108 @@ def rescore(version: str, x: np.ndarray, y: np.ndarray):
     """Load a registered version and score it on the given test data (never trust old runs)."""
     import mlflow
 
-    from mnist_mlops.training.evaluate import probabilities, score
+    from mnist_mlops.scoring import probabilities, score
 
     model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
                                     load_model_kwargs={"safe_mode": True, "compile": False})
     return score(probabilities(model, x), y)
 
 
-def _set_alias(version: str, reason: str, previous: str | None) -> None:
+def describe_version(version: str, gate_line: str) -> None:
+    """The version page's description: what the version is, and what the gate made of it."""
+    tags = get_version(version).tags
+    text = (f"mnist-convnet v{version}, trained on data version {tags.get('data.md5', 'unknown')} "
+            f"(data.dvc); test accuracy {tags.get('test_accuracy', 'n/a')}.\n\n{gate_line}")
+    client().update_model_version(MODEL_NAME, version, description=text)
+
+
+def _decide(version: str, decision: str, reason: str, floor: float | None) -> None:
     c = client()
+    c.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, decision)
+    c.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
+    if floor is not None:
+        c.set_model_version_tag(MODEL_NAME, version, TAG_FLOOR, repr(float(floor)))
+    describe_version(version, f"Gate: {decision.replace('_', ' ')}: {reason}.")
+
+
+def _set_alias(version: str, reason: str, previous: str | None, floor: float | None = None) -> None:
     if previous and previous != version:
-        c.set_model_version_tag(MODEL_NAME, version, TAG_PREVIOUS, previous)
-    c.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted")
-    c.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
-    c.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, version)
+        client().set_model_version_tag(MODEL_NAME, version, TAG_PREVIOUS, previous)
+    _decide(version, "promoted", reason, floor)
+    client().set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, version)
 
 
-def _reject(version: str, reason: str) -> None:
-    c = client()
-    c.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "rejected")
-    c.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
+def _reject(version: str, reason: str, floor: float) -> None:
+    _decide(version, "rejected", reason, floor)
+
+
+def _decided_under(tags: dict[str, str], floor: float) -> bool:
+    """A decision stands while the floor it was made under is the floor now."""
+    try:
+        return float(tags.get(TAG_FLOOR, "nan")) == float(floor)
+    except ValueError:
+        return False
 
 
 def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float) -> Decision:
-    """Promote `version` iff it clears the floor and is not worse than the champion re-scored."""
-    existing = get_version(version).tags.get(TAG_DECISION)
-    if existing:
-        reason = get_version(version).tags.get(TAG_REASON, "")
-        return Decision(version, existing == "promoted", f"already decided: {reason}")
+    """Promote `version` iff it clears the floor and is not worse than the champion re-scored.
+
+    A version is decided once per floor: rerunning the gate under the same floor reports the
+    earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again
+    (a floor blocks promotions, it never demotes the champion).
+    """
+    tags = get_version(version).tags
+    decided = tags.get(TAG_DECISION)
+    if decided and (TAG_FLOOR not in tags or decided == "rolled_back" or _decided_under(tags, min_accuracy)):
+        return Decision(version, decided == "promoted", f"already decided: {tags.get(TAG_REASON, '')}")
     candidate = rescore(version, x, y)
     acc = candidate.accuracy
+    current = champion_version()
     if not candidate.finite:
         reason = "model outputs NaN or infinite values"
-        _reject(version, reason)
+        _reject(version, reason, min_accuracy)
         return Decision(version, False, reason, acc)
     if acc < min_accuracy:
         reason = f"test accuracy {acc:.4f} below the floor evaluate.min_accuracy={min_accuracy}"
-        _reject(version, reason)
+        if current == version:
+            reason += " (it stays champion: a floor blocks promotions, it never demotes)"
+            _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
+            return Decision(version, False, reason, acc)
+        _reject(version, reason, min_accuracy)
         return Decision(version, False, reason, acc)
-    current = champion_version()
     if current is None:
         reason = f"first model above the floor ({acc:.4f} >= {min_accuracy})"
-        _set_alias(version, reason, None)
+        _set_alias(version, reason, None, min_accuracy)
         return Decision(version, True, reason, acc)
     if current == version:
+        _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
         return Decision(version, True, "already champion", acc)
     champ = rescore(current, x, y)
     if acc < champ.accuracy:
-        reason = f"test accuracy {acc:.4f} worse than champion v{current} ({champ.accuracy:.4f}) on the same test data"
-        _reject(version, reason)
+        reason = (f"test accuracy {acc:.4f} worse than champion v{current} ({champ.accuracy:.4f}) "
+                  "on the same test data")
+        _reject(version, reason, min_accuracy)
         return Decision(version, False, reason, acc, champ.accuracy, current)
     reason = f"test accuracy {acc:.4f} >= champion v{current} ({champ.accuracy:.4f}) on the same test data"
-    _set_alias(version, reason, current)
+    _set_alias(version, reason, current, min_accuracy)
     return Decision(version, True, reason, acc, champ.accuracy, current)
 
 
 def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accuracy: float,
             force: bool = False) -> Decision:
-    """Manual override: champion := version, still refusing one below the floor unless forced."""
+    """Manual override: champion := version, still refusing one below the floor unless forced.
+
+    Without test data the floor cannot be checked: only `force` promotes then.
+    """
     current = champion_version()
     get_version(version)
     acc = None
-    if x is not None and y is not None:
+    if x is None or y is None:
+        if not force:
+            raise UserError(f"no test data to check version {version} against the floor evaluate.min_accuracy="
+                            f"{min_accuracy}: fetch it (`mnist-mlops fetch` or `dvc pull data.dvc`), "
+                            "or use --force to promote unchecked")
+    else:
         result = rescore(version, x, y)
         acc = result.accuracy
         if (not result.finite or acc < min_accuracy) and not force:
@@ -146,18 +194,6 @@ def rollback() -> Decision:
     previous = get_version(current).tags.get(TAG_PREVIOUS)
     if not previous:
         raise UserError(f"champion v{current} replaced no earlier version: nothing to roll back to")
-    c = client()
-    c.set_model_version_tag(MODEL_NAME, current, TAG_DECISION, "rolled_back")
-    c.set_model_version_tag(MODEL_NAME, current, TAG_REASON, f"rolled back to v{previous}")
-    c.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, previous)
+    _decide(current, "rolled_back", f"rolled back to v{previous}", None)
+    client().set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, previous)
     return Decision(previous, True, f"rolled back from v{current}", previous_champion=current)
-
-
-def test_data(prepared: Path) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    from mnist_mlops.training.prepare import load_split
-
-    try:
-        split = load_split(prepared, "test")
-    except UserError:
-        return None, None
-    return split.x, split.y

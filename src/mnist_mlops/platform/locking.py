@@ -16,7 +16,6 @@ from filelock import FileLock, Timeout
 
 from mnist_mlops.errors import UserError
 
-
 _held: dict[str, int] = {}  # lock paths this process holds -> nesting depth
 
 

@@ -11,6 +11,9 @@ from mnist_mlops.config import MODEL_NAME, Paths, tracking_uri
 from mnist_mlops.errors import UserError
 
 EXPERIMENT = MODEL_NAME
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SYSTEM_METRICS_INTERVAL_S = 5  # CPU, memory (GPU on GPU hosts) while training; MLflow's default is 10
 FLOW_RUN_ENV = "MNIST_MLOPS_FLOW_RUN_ID"
 # Set by a sweep: the training run becomes a nested child of this (active) MLflow run.
 PARENT_RUN_ENV = "MNIST_MLOPS_PARENT_RUN_ID"
@@ -29,6 +32,8 @@ def quiet_env() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "GIT_PYTHON_REFRESH": "quiet",
+        # no "Downloading artifacts" bars when the gate loads registered models
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # MLflow's HTTP client retries for ~4 minutes by default (7 retries, backoff 2): an
         # unreachable server should fail the run in seconds; the flow retries the check itself.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -48,11 +53,36 @@ def setup_mlflow(root: Path) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        mlflow.set_experiment(EXPERIMENT)
+        experiment = mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise UserError(f"MLflow tracking server {uri} unreachable ({reason(exc)}): start it or "
                         "fix MLFLOW_TRACKING_URI") from None
+    mark_model_training(experiment)
     return uri
+
+
+def mark_model_training(experiment) -> None:
+    """Tag an experiment as model training, so MLflow 3's UI opens it on the runs table
+    (its GenAI views, traces and LLM dashboards, are empty for this project)."""
+    import mlflow
+
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def runs_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in model-training mode."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def project_runs_url(root: Path, ui: str | None = None) -> str:
+    """The runs table of the project's experiment: on the tracking server, or on `ui`
+    (where `mnist-mlops ui` serves a local store)."""
+    import mlflow
+
+    uri = setup_mlflow(root)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    return runs_url(ui or uri, experiment.experiment_id)
 
 
 def reason(exc: BaseException) -> str:
@@ -112,7 +142,7 @@ def git_commit(root: Path) -> str:
 
 def run_tags(paths: Paths, source: str) -> dict[str, str]:
     """Lineage tags every training run carries: data version, source, code, flow run."""
-    from mnist_mlops.training.data import dvc_md5
+    from mnist_mlops.platform.versioning import dvc_md5
 
     return {
         "data.md5": dvc_md5(paths.data_dvc) or "untracked",

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from mnist_mlops.errors import UserError
 
 
@@ -17,6 +19,15 @@ class VersionResult:
     md5: str
     changed: bool
     pushed: bool
+
+
+def dvc_md5(data_dvc: Path) -> str | None:
+    """The md5 that `data.dvc` pins for `data/` (what MLflow runs are tagged with)."""
+    try:
+        meta = yaml.safe_load(data_dvc.read_text())
+        return str(meta["outs"][0]["md5"])
+    except (FileNotFoundError, KeyError, IndexError, TypeError):
+        return None
 
 
 @contextmanager
@@ -40,14 +51,22 @@ def dvc_repo(root: Path):
         repo.close()
 
 
+def remote_url(root: Path) -> str | None:
+    """The URL of the default DVC remote, if the project has one."""
+    try:
+        with dvc_repo(root) as repo:
+            name = repo.config["core"].get("remote")
+            return str(repo.config["remote"][name]["url"]) if name else None
+    except (UserError, KeyError):
+        return None
+
+
 def has_remote(repo) -> bool:
     return bool(repo.config.get("remote"))
 
 
 def version_data(root: Path, data_dir: Path, data_dvc: Path) -> VersionResult:
     """`dvc add data` (a no-op hash check when unchanged), then `dvc push` if a remote exists."""
-    from mnist_mlops.training.data import dvc_md5
-
     before = dvc_md5(data_dvc)
     with dvc_repo(root) as repo:
         repo.add(str(data_dir.relative_to(root)))
@@ -77,8 +96,6 @@ def data_drift(root: Path, data_dir: Path, data_dvc: Path) -> str | None:
     """
     import hashlib
     import json
-
-    from mnist_mlops.training.data import dvc_md5
 
     pinned = dvc_md5(data_dvc)
     if pinned is None or not data_dir.is_dir() or data_matches_pin(root, data_dvc):

@@ -282,17 +282,6 @@ def fetch(params: DataParams, data_dir: Path, cache: Path) -> FetchResult:
     return FetchResult(data_dir, changed, len(digits.labels), origin)
 
 
-def dvc_md5(data_dvc: Path) -> str | None:
-    """The md5 that `data.dvc` pins for `data/` (what MLflow runs are tagged with)."""
-    import yaml
-
-    try:
-        meta = yaml.safe_load(data_dvc.read_text())
-        return str(meta["outs"][0]["md5"])
-    except (FileNotFoundError, KeyError, IndexError, TypeError):
-        return None
-
-
 def npz_bytes(digits: Digits) -> bytes:
     """Digits as a Keras-style .npz (used by tests and docs to publish data)."""
     buf = io.BytesIO()

@@ -6,41 +6,15 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from mnist_mlops.config import MODEL_NAME, Params, Paths
+from mnist_mlops.registry import MODEL_DESCRIPTION, describe_version
+from mnist_mlops.scoring import load_keras, probabilities, score
 from mnist_mlops.training.prepare import load_split
-
-
-@dataclass(frozen=True)
-class Score:
-    loss: float
-    accuracy: float
-    finite: bool  # False when the model outputs NaN/inf: such a model never becomes champion
-
-
-def load_keras(path: Path):
-    """Keras safe mode: a model file can never run arbitrary code when loaded."""
-    import keras
-
-    return keras.models.load_model(path, safe_mode=True, compile=False)
-
-
-def probabilities(model, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """Batched forward passes (`model(x, training=False)`), ~15× cheaper than `predict` calls."""
-    out = [np.asarray(model(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
-
-
-def score(probs: np.ndarray, y: np.ndarray) -> Score:
-    finite = bool(np.isfinite(probs).all())
-    p = np.clip(np.nan_to_num(probs[np.arange(len(y)), y], nan=0.0), 1e-7, 1.0)
-    accuracy = float((probs.argmax(axis=1) == y).mean()) if finite else 0.0
-    loss = float(-np.log(p).mean()) if finite else math.inf
-    return Score(loss=loss, accuracy=accuracy, finite=finite)
 
 
 def per_class(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -65,7 +39,7 @@ def write_confusion_csv(y: np.ndarray, pred: np.ndarray, path: Path) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["actual", "predicted"])
-        writer.writerows(zip(y.tolist(), pred.tolist()))
+        writer.writerows(zip(y.tolist(), pred.tolist(), strict=False))
 
 
 def write_figures(model, x, y, probs, params: Params, paths: Paths) -> list[Path]:
@@ -100,13 +74,13 @@ def _patch_keras_input_example() -> None:
 
 def log_and_register(model, x_example: np.ndarray, probs: np.ndarray, tags: dict[str, str]):
     """Log the Keras model with a signature and input example; register it as a new version."""
+    import keras
     import mlflow
+    import tensorflow as tf
     from mlflow.models import infer_signature
 
-    import keras
-    import tensorflow as tf
-
     _patch_keras_input_example()
+    keras.config.disable_interactive_logging()  # MLflow's input-example check calls predict: no bars
 
     signature = infer_signature(x_example[:1], probs[:1])
     # Explicit requirements: inferring them reloads the model in a fresh subprocess (TensorFlow
@@ -118,6 +92,8 @@ def log_and_register(model, x_example: np.ndarray, probs: np.ndarray, tags: dict
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, key, value)
+    client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
+    describe_version(version, "Gate: not decided yet (the flow's promote step decides).")
     return version
 
 
@@ -156,3 +132,9 @@ def evaluate(params: Params, paths: Paths) -> dict:
     registered = {"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
     return registered
+
+
+def stage(params: Params, paths: Paths) -> str:
+    """The DVC `evaluate` stage."""
+    r = evaluate(params, paths)
+    return f"evaluate: test accuracy {r['accuracy']:.4f}, registered version {r['version']}"

@@ -28,7 +28,7 @@ def learning_curves(rows: list[dict], path: Path) -> Path:
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=False):
         ax.plot(epochs, [r.get(metric) for r in rows], "o-", label=f"train {metric}")
         ax.plot(epochs, [r.get(f"val_{metric}") for r in rows], "s-", label=f"val {metric}")
         ax.set_xlabel("epoch")
@@ -69,7 +69,7 @@ def misclassified(x: np.ndarray, y: np.ndarray, probs: np.ndarray, limit: int, p
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, wrong, strict=False):
         ax.imshow(x[i].squeeze(), cmap="gray_r")
         ax.set_title(f"true {y[i]} / pred {pred[i]}\n{probs[i, pred[i]]:.0%}", fontsize=7)
     if not len(wrong):
@@ -88,7 +88,7 @@ def conv_filters(kernel: np.ndarray, path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, ax in zip(range(n), axes.flat):
+    for i, ax in zip(range(n), axes.flat, strict=False):
         ax.imshow(k[:, :, i], cmap="RdBu_r", vmin=-np.abs(k).max(), vmax=np.abs(k).max())
     fig.suptitle("first Conv2D layer filters (3×3)", fontsize=9)
     return _save(fig, path)

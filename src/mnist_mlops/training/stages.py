@@ -1,38 +1,33 @@
 """Entry point of the DVC stages (`python -m mnist_mlops.training.stages NAME`).
 
 `dvc.yaml` and the Prefect flow both run the stages through here, so there is exactly
-one implementation of each step and `dvc repro` alone gives what the flow gives.
+one implementation of each step and `dvc repro` alone gives what the flow gives. Each
+stage is the `stage(params, paths)` function of its own module, imported by name, so the
+modules a stage runs (its DVC dependencies) follow from that module's imports alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 from mnist_mlops.platform.tracking import quiet_env
 
+STAGES = {
+    "prepare": "mnist_mlops.training.prepare",
+    "train": "mnist_mlops.training.train",
+    "evaluate": "mnist_mlops.training.evaluate",
+}
+
 
 def run_stage(name: str, root: Path) -> None:
     from mnist_mlops.config import Paths, load_params
 
+    if name not in STAGES:
+        raise SystemExit(f"unknown stage '{name}': expected {', '.join(STAGES)}")
     params = load_params(root)
-    paths = Paths(root)
-    if name == "prepare":
-        from mnist_mlops.training.prepare import prepare
-
-        sizes = prepare(paths, params.prepare)
-        print(f"prepare: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test digits")
-    elif name == "train":
-        from mnist_mlops.training.train import train
-
-        print(f"train: MLflow run {train(params, paths)}")
-    elif name == "evaluate":
-        from mnist_mlops.training.evaluate import evaluate
-
-        r = evaluate(params, paths)
-        print(f"evaluate: test accuracy {r['accuracy']:.4f}, registered version {r['version']}")
-    else:
-        raise SystemExit(f"unknown stage '{name}': expected prepare, train or evaluate")
+    print(importlib.import_module(STAGES[name]).stage(params, Paths(root)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_env()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m mnist_mlops.training.stages prepare|train|evaluate")
+        raise SystemExit(f"usage: python -m mnist_mlops.training.stages {'|'.join(STAGES)}")
     try:
         run_stage(args[0], Path.cwd())
     except UserError as exc:

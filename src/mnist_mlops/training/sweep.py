@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlops.config import Params, Paths, load_params
@@ -93,7 +93,7 @@ def parse_grid(specs: list[str] | None) -> list[tuple[str, list[str]]]:
 def combinations(root: Path, specs: list[str] | None, base: list[str] | None = None) -> list[list[str]]:
     """Every combination as `section.key=value` overrides, each validated against params.yaml."""
     grid = parse_grid(specs)
-    combos = [[f"{key}={value}" for key, value in zip([k for k, _ in grid], values)]
+    combos = [[f"{key}={value}" for key, value in zip([k for k, _ in grid], values, strict=False)]
               for values in itertools.product(*[v for _, v in grid])]
     for combo in combos:
         load_params(root, [*(base or []), *combo])  # a bad value fails here, before any work
@@ -226,10 +226,6 @@ def install(root: Path, winner: Candidate) -> list[str]:
 
 def cleanup(workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-def summary_rows(candidates: list[Candidate], winner: Candidate | None) -> list[dict]:
-    return [asdict(c) | {"best": winner is not None and c.run_id == winner.run_id} for c in candidates]
 
 
 # ----------------------------------------------------------------------------- child process

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,23 +131,54 @@ def fit(params: Params, paths: Paths, callbacks: list | None = None):
         epochs=params.train.epochs,
         callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
         verbose=0,
+        shuffle=False,  # the tf.data pipeline shuffles (seeded); Keras would only warn
     )
     return model, rows
+
+
+def log_datasets(paths: Paths) -> None:
+    """The run's inputs as MLflow datasets (the runs table's Dataset column, the run page):
+    train, val and test, each with the DVC md5 of data.dvc as its digest and data.dvc (plus
+    the DVC remote, when one is set) as its source."""
+    import mlflow
+
+    from mnist_mlops.platform.versioning import dvc_md5, remote_url
+
+    md5 = (dvc_md5(paths.data_dvc) or "untracked").removesuffix(".dir")
+    remote = remote_url(paths.root)
+    tags = {"dvc.md5": md5, **({"dvc.remote": remote} if remote else {})}
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        data = load_split(paths.prepared, split)
+        with warnings.catch_warnings():  # MLflow registers its local source class twice and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(data.x, targets=data.y, source=str(paths.data_dvc),
+                                             name=f"mnist-{split}", digest=md5[:32])
+        mlflow.log_input(dataset, context=context, tags=tags)
 
 
 def train(params: Params, paths: Paths) -> str:
     """The `train` stage: fit, save the model and curves, log it all to a new MLflow run."""
     import mlflow
 
+    from mnist_mlops.platform.tracking import (
+        PARENT_RUN_ENV,
+        SYSTEM_METRICS_INTERVAL_S,
+        close_stale_runs,
+        run_tags,
+        setup_mlflow,
+    )
     from mnist_mlops.training.plots import learning_curves
-    from mnist_mlops.platform.tracking import PARENT_RUN_ENV, close_stale_runs, run_tags, setup_mlflow
 
     setup_mlflow(paths.root)
     for stale in close_stale_runs():
         print(f"train: MLflow run {stale} was left RUNNING by a killed training: marked KILLED")
     parent = os.environ.get(PARENT_RUN_ENV) or None  # a sweep's child run (see sweep.py)
-    with mlflow.start_run(tags=run_tags(paths, params.data.source), parent_run_id=parent) as run:
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+    with mlflow.start_run(tags=run_tags(paths, params.data.source), parent_run_id=parent,
+                          log_system_metrics=True) as run:
         mlflow.log_params(params.flat())
+        log_datasets(paths)
         model, rows = fit(params, paths)
         save_atomic(model, paths.model_file)
         write_history(rows, paths.history)
@@ -155,3 +188,8 @@ def train(params: Params, paths: Paths) -> str:
         info = {"run_id": run.info.run_id, "epochs": len(rows)}
         paths.train_run.write_text(json.dumps(info, indent=2) + "\n")
     return run.info.run_id
+
+
+def stage(params: Params, paths: Paths) -> str:
+    """The DVC `train` stage."""
+    return f"train: MLflow run {train(params, paths)}"
