@@ -11,13 +11,12 @@ import sys
 
 import pytest
 
-from conftest import BIN
 from mnist_mlops.config import write_params
+
+from helpers import BIN, SMALL_MODEL
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
-               "evaluate.misclassified_grid=9"]
 AS_A_DEPLOYMENT = ("import sys; from pipelines.training import training_flow; "
                    "print(training_flow(root=sys.argv[1], package_bento=False))")
 REFUSED = "another pipeline run holds .mnist-mlops.lock"

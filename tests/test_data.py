@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from mnist_mlops.training.data import (
     write_data,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, free_port
 
 
 class Mirror:
@@ -87,13 +88,30 @@ def test_sample_is_balanced_real_mnist(sample: Digits) -> None:
     assert sample.images.max() == 255
 
 
+def dvc_dir_md5(folder: Path) -> tuple[str, int, int]:
+    """(md5, size, nfiles) of a directory exactly as `dvc add` computes them, by DVC's own code."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    odb = HashFileDB(fs, str(folder.parent / ".dvc-odb"))
+    _, meta, tree = build(odb, str(folder), fs, "md5", dry_run=True)
+    return tree.hash_info.value, meta.size, meta.nfiles
+
+
 def test_fetch_sample_reproduces_committed_data_dvc(tmp_path: Path) -> None:
     """Fetching the default data is byte-for-byte reproducible: same md5 as data.dvc pins."""
     result = fetch(DataParams(), tmp_path / "data", tmp_path / "cache")
     assert result.changed and result.count == 5000
     pinned = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
-    sizes = sum(p.stat().st_size for p in (tmp_path / "data").iterdir())
-    assert sizes == pinned["size"]
+    assert pinned["path"] == "data" and pinned["hash"] == "md5" and pinned["md5"].endswith(".dir")
+    assert dvc_dir_md5(tmp_path / "data") == (pinned["md5"], pinned["size"], pinned["nfiles"])
+    # the same digest by hand: md5 of every file, then md5 of DVC's JSON manifest of them
+    manifest = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.name}
+                for p in sorted((tmp_path / "data").iterdir())]
+    digest = hashlib.md5(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    assert f"{digest}.dir" == pinned["md5"]
     again = fetch(DataParams(), tmp_path / "data", tmp_path / "cache")
     assert not again.changed
 
@@ -141,8 +159,6 @@ def test_truncated_download_is_an_error(tmp_path: Path, mirror: Mirror, npz: byt
 
 
 def test_server_down_is_a_clear_error(tmp_path: Path) -> None:
-    from conftest import free_port
-
     url = f"http://127.0.0.1:{free_port()}/mnist.npz"
     with pytest.raises(DownloadError, match="cannot download .*ConnectError"):
         fetch(params(url, "0" * 64), tmp_path / "data", tmp_path / "cache")

@@ -57,7 +57,8 @@ shapes = st.sampled_from([(28, 28), (28, 28, 1), (1, 28, 28), (2, 28, 28, 1), (2
                           (3, 28, 28, 2), (1, 1, 28, 28), (0, 28, 28), (784,)])
 content_types = st.sampled_from(["application/json", "text/plain", "application/octet-stream",
                                  "multipart/form-data", "multipart/form-data; boundary=xyz",
-                                 "application/x-www-form-urlencoded", "image/png", "", "application/json; charset=latin-1"])
+                                 "application/x-www-form-urlencoded", "image/png", "",
+                                 "application/json; charset=latin-1"])
 
 
 @FUZZ

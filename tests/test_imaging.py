@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mnist_mlops.serving import imaging
 from mnist_mlops.preprocess import normalize
+from mnist_mlops.serving import imaging
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import Project
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+
+from helpers import Project, copy_project
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,8 +63,9 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
 
 
 def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> None:
-    repro = trained_project.run("dvc", "repro")
-    assert "up to date" in repro.stdout
+    # `dvc status`, not `dvc repro`: a stale stage must fail this test, not retrain the shared project
+    status = trained_project.run("dvc", "status")
+    assert "up to date" in status.stdout, status.stdout
     metrics = trained_project.run("dvc", "metrics", "show", "--json").stdout
     assert "test_accuracy" in metrics
     out = tmp_path / "plots"
@@ -73,27 +74,20 @@ def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> 
     assert "val_accuracy" in html and "predicted" in html
 
 
-def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project) -> None:
-    client = trained_project.mlflow_client()
+def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, tmp_path: Path) -> None:
+    copy = copy_project(trained_project, tmp_path / "copy")  # a rerun that did train must not touch the shared one
+    client = copy.mlflow_client()
     runs_before = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
-    proc = trained_project.cli("run")
+    proc = copy.cli("run")
     out = proc.stdout + proc.stderr
     assert "stage train skipped" in out and "stage evaluate skipped" in out
     assert "no (DVC skipped" in out
-    assert versions(trained_project) == ["1"]
+    assert versions(copy) == ["1"]
     assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == runs_before
 
 
-def _copy(project: Project, dest: Path) -> Project:
-    shutil.copytree(project.root, dest, symlinks=True)
-    env = dict(project.env)
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{dest / 'mlflow.db'}", BENTOML_HOME=str(dest / ".bentoml"),
-               PREFECT_HOME=str(dest / ".prefect"), MNIST_MLOPS_ROOT=str(dest))
-    return Project(dest, env)
-
-
 def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project, tmp_path: Path) -> None:
-    copy = _copy(trained_project, tmp_path / "copy")
+    copy = copy_project(trained_project, tmp_path / "copy")
     proc = copy.cli("run", "--no-package", "--set", "train.epochs=2")
     out = proc.stdout + proc.stderr
     assert "params.yaml updated: train.epochs=2" in out
@@ -123,15 +117,15 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("determinism")  # fit() logs per-epoch metrics
     from mnist_mlops.config import Paths, validate
+    from mnist_mlops.scoring import probabilities, score
     from mnist_mlops.training.data import fetch
-    from mnist_mlops.training.evaluate import probabilities, score
     from mnist_mlops.training.prepare import load_split, prepare
 
     params = validate({"model": {"filters": [8], "convs_per_block": 1, "dense_units": 16},
                        "train": {"epochs": 1}})
     paths = Paths(tmp_path)
     fetch(params.data, paths.data, tmp_path / "cache")
-    prepare(paths, params.prepare)
+    prepare(paths, params)
     test = load_split(paths.prepared, "test")
     from mnist_mlops.training.train import fit
 
@@ -142,12 +136,29 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
         weights.append(model.get_weights())
         assert len(rows) == 1
     assert scores[0] == scores[1]
-    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
 
 
 def test_run_summary_written_for_dvc(trained_project: Project) -> None:
-    metrics = json.loads((trained_project.root / "reports" / "metrics.json").read_text())
+    """What DVC reads (the evaluate stage's metrics and registered.json) is what MLflow recorded."""
+    stage = yaml.safe_load((trained_project.root / "dvc.yaml").read_text())["stages"]["evaluate"]
+    assert "reports/metrics.json" in [next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]]
+    shown = json.loads(trained_project.run("dvc", "metrics", "show", "--json").stdout)
+    [workspace] = shown.values()  # no revisions asked for: the workspace only ("" in DVC 3)
+    dvc_metrics = workspace["data"]["reports/metrics.json"]["data"]
+    assert dvc_metrics == json.loads((trained_project.root / "reports" / "metrics.json").read_text())
     registered = json.loads((trained_project.root / "artifacts" / "registered.json").read_text())
-    assert registered["version"] == "1"
-    assert metrics["test_accuracy"] == pytest.approx(registered["accuracy"])
-    assert set(metrics["per_class"]) >= {"precision_0", "recall_9", "f1_5"}
+
+    # the independent record: the MLflow registry and the run it points to
+    client = trained_project.mlflow_client()
+    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
+    logged = client.get_run(champion.run_id).data.metrics
+    assert (registered["model"], registered["version"], registered["run_id"]) == (
+        MODEL_NAME, str(champion.version), champion.run_id)
+    assert registered["accuracy"] == pytest.approx(logged["test_accuracy"], abs=1e-9)
+    assert dvc_metrics["test_accuracy"] == pytest.approx(logged["test_accuracy"], abs=1e-9)
+    assert dvc_metrics["test_loss"] == pytest.approx(logged["test_loss"], abs=1e-9)
+    assert f"{dvc_metrics['test_accuracy']:.6f}" == champion.tags["test_accuracy"]
+    per_class = dvc_metrics["per_class"]
+    assert {"precision_0", "recall_9", "f1_5"} <= set(per_class)
+    assert per_class == {k: round(v, 4) for k, v in logged.items() if k.startswith(("precision_", "recall_", "f1_"))}

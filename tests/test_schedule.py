@@ -14,15 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import BIN, free_port
 from mnist_mlops.config import write_params
-from mnist_mlops.platform.scheduling import start_group
+from mnist_mlops.platform.processes import start_group, stop_group
+
+from helpers import BIN, SMALL_MODEL, free_port, page_text
 
 pytestmark = pytest.mark.slow
 
-# The pipeline is under test here, not the model: a small ConvNet keeps each training short.
-SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
-               "evaluate.misclassified_grid=9"]
 INTERVAL = 10  # seconds: short enough that a second (late) run follows the first at once
 
 
@@ -64,6 +62,7 @@ def summary_of(api: str, flow_run_id: str) -> str:
     return found[0]["data"] if found else ""
 
 
+
 def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,7 +77,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, what:
 
 
 @pytest.mark.timeout(900)
-def test_scheduled_runs_on_a_real_prefect_server(project):
+def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
     write_params(project.root, SMALL_MODEL)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -132,6 +131,19 @@ def test_scheduled_runs_on_a_real_prefect_server(project):
         assert "| trained | yes |" in first_summary or manual.returncode == 0, first_summary
         assert "| trained | no (DVC skipped: data and params unchanged) |" in second_summary, second_summary
         assert "| promoted | yes |" in first_summary + second_summary
+        assert done[0]["name"].startswith("schedule · data "), done[0]["name"]
+
+        # The Prefect UI on this (non-default) port works: the deployment, a run's tasks and summary.
+        ui = f"http://127.0.0.1:{port}"
+        body = page_text(browser, f"{ui}/deployments", "scheduled")
+        browser.save_screenshot(str(tmp_path / "prefect-deployments.png"))
+        assert "scheduled" in body and "mnist-training" in body, body[:2000]
+        assert "Something went wrong" not in body and "Oops" not in body
+        body = page_text(browser, f"{ui}/runs/flow-run/{done[0]['id']}", "promote")
+        browser.save_screenshot(str(tmp_path / "prefect-flow-run.png"))
+        assert "check-tracking" in body and "promote" in body, body[:3000]  # the run's tasks
+        body = page_text(browser, f"{ui}/runs/flow-run/{done[0]['id']}?tab=Artifacts", "training-summary")
+        assert "training-summary" in body, body[:3000]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
@@ -144,7 +156,8 @@ def test_scheduled_runs_on_a_real_prefect_server(project):
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
             left = processes_with(marker)
-        kill_all(marker)
+        stop_group(proc, 10)  # no-op after a clean Ctrl-C; else the group goes the usual way
+        kill_all(marker)  # and whatever escaped the group
     output = log.read_text(errors="replace")
     assert proc.returncode == 0, output[-5000:]
     assert "schedule stopped" in output

@@ -10,63 +10,23 @@ from __future__ import annotations
 
 import ast
 import io
-import os
 import secrets
-import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import BIN, REPO, Project, free_port
+
+from mnist_mlops.platform.processes import start_group, stop_group
+
+from helpers import BIN, LOOPBACK, REPO, Project, Server, free_port, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/ui/")  # /ui/: a static page, no model access
-
-
-@dataclass
-class Server:
-    url: str
-    key: str
-    proc: subprocess.Popen
-    log: Path
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def start(cmd: list[str], cwd: Path, env: dict, ready: str, log: Path, timeout: float = 300,
-          ok=lambda status: status == 200) -> subprocess.Popen:
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{cmd[:2]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if ok(httpx.get(ready, timeout=2).status_code):
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_group(proc)
-            pytest.fail(f"{ready} not ready in {timeout} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
 
 
 def listening(proc: subprocess.Popen) -> set[tuple[str, int]]:
@@ -92,19 +52,18 @@ def tree_rss(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def secured(trained_project: Project):
+def secured(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`mnist-mlops serve` with an API key, on its default host, until /readyz (an open path)."""
     key = secrets.token_urlsafe(24)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = trained_project.root / f"serve-secured-{port}.log"
+    log = tmp_path_factory.mktemp("secured") / f"serve-{port}.log"  # never inside the shared project
     env = dict(trained_project.env, MNIST_MLOPS_API_KEY=key)
-    proc = start([str(BIN / "mnist-mlops"), "serve", "--port", str(port)], trained_project.root, env,
-                 f"{url}/readyz", log)
+    server = start_server([str(BIN / "mnist-mlops"), "serve", "--port", str(port)], trained_project.root, env, log,
+                          f"http://{LOOPBACK}:{port}/readyz", key=key)
     try:
-        yield Server(url, key, proc, log)
+        yield server
     finally:
-        stop_group(proc)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -118,24 +77,22 @@ def digit(trained_project: Project) -> list:
 
 def test_serve_binds_loopback_only_by_default(secured: Server) -> None:
     sockets = listening(secured.proc)
-    port = int(secured.url.rsplit(":", 1)[1])
-    assert ("127.0.0.1", port) in sockets, sockets
+    assert ("127.0.0.1", secured.port) in sockets, sockets
     assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets  # no 0.0.0.0 / :: anywhere
 
 
-def test_mlflow_ui_binds_loopback_only_by_default(trained_project: Project, tmp_path: Path) -> None:
+def test_mlflow_ui_binds_loopback_only_by_default(project: Project, tmp_path: Path) -> None:
     """`mnist-mlops ui` starts `mlflow ui --host 127.0.0.1`; checked on the process it spawns.
 
     (Waiting for MLflow's four uvicorn workers to bind costs over a minute on a busy CI
-    machine; the command line is what the project controls.)
+    machine; the command line is what the project controls.) A fresh project: the MLflow UI
+    may create its store and artifact folder, which the session's trained project must not get.
     """
     import psutil
 
     port = free_port()
     log = tmp_path / "ui.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen([str(BIN / "mnist-mlops"), "ui", "--port", str(port)], cwd=trained_project.root,
-                                env=trained_project.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_group([str(BIN / "mnist-mlops"), "ui", "--port", str(port)], log, project.env, cwd=project.root)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -153,22 +110,23 @@ def test_mlflow_ui_binds_loopback_only_by_default(trained_project: Project, tmp_
 
 @pytest.mark.timeout(300)
 def test_schedule_prefect_server_binds_loopback_only(project: Project) -> None:
-    """`mnist-mlops schedule` starts `prefect server start` on 127.0.0.1 (there is no --host)."""
-    from mnist_mlops.platform import scheduling
+    """`mnist-mlops schedule` starts `prefect server start` on 127.0.0.1 (there is no --host).
 
+    The check is on the sockets the command's processes really listen on, once the
+    server's API answers: its port on 127.0.0.1, and no socket on any other address.
+    """
     port = free_port()
     env = dict(project.env)
     env.pop("PREFECT_API_URL", None)
-    proc = start([str(BIN / "mnist-mlops"), "schedule", "--interval", "3600", "--port", str(port)],
-                 project.root, env, f"http://127.0.0.1:{port}/api/health", project.root / "schedule.log",
-                 timeout=240)
+    server = start_server([str(BIN / "mnist-mlops"), "schedule", "--interval", "3600", "--port", str(port)],
+                          project.root, env, project.root / "schedule.log", f"http://127.0.0.1:{port}/api/health",
+                          timeout=240)
     try:
-        sockets = listening(proc)
-        assert ("127.0.0.1", port) in sockets, sockets
-        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+        sockets = listening(server.proc)
+        assert ("127.0.0.1", port) in sockets, (sockets, server.log_tail())
+        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets  # no 0.0.0.0 / :: anywhere
     finally:
-        stop_group(proc)
-    assert scheduling.LOOPBACK == "127.0.0.1"
+        server.stop()
 
 
 # --------------------------------------------------------------------------- API key
@@ -248,9 +206,12 @@ def test_decompression_bombs_are_refused_without_decoding(secured: Server) -> No
     assert len(bomb) < 100_000
     # a PNG header that claims 40000×40000 with (almost) no pixel data behind it
     ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
-                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    liar = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    liar = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+            + chunk(b"IEND", b""))
     before = tree_rss(secured.proc)
     with httpx.Client(base_url=secured.url, timeout=60, headers={"X-API-Key": secured.key}) as c:
         for name, data in (("bomb.png", bomb), ("liar.png", liar)):
@@ -273,7 +234,7 @@ def _lambda_model():
 
 def test_model_files_are_loaded_in_keras_safe_mode(tmp_path: Path) -> None:
     """A .keras file carrying Python code (a Lambda layer) is refused by the project's loader."""
-    from mnist_mlops.training.evaluate import load_keras
+    from mnist_mlops.scoring import load_keras
 
     path = tmp_path / "evil.keras"
     _lambda_model().save(path)
@@ -313,7 +274,9 @@ def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
 def test_nothing_is_unpickled_and_every_keras_load_is_safe() -> None:
     """Source guard: no pickle-family loader anywhere in the package; every Keras load is safe_mode=True."""
     unsafe_modules = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-    for path in sorted((REPO / "src" / "mnist_mlops").glob("*.py")):
+    paths = sorted((REPO / "src" / "mnist_mlops").rglob("*.py"))  # every subpackage too
+    assert {"evaluate.py", "registry.py", "service.py"} <= {p.name for p in paths}
+    for path in paths:
         tree = ast.parse(path.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

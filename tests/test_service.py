@@ -12,38 +12,25 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import BIN, Project, serving
 from PIL import Image
+
+from helpers import BIN, REPO, Project, Server, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@dataclass
-class Server:
-    url: str
-    log: Path
-    client: httpx.Client
-
-    def predict(self, images, **kw) -> httpx.Response:
-        return self.client.post("/predict", json={"images": images}, **kw)
-
-    def predict_image(self, data: bytes, name: str = "digit.png") -> httpx.Response:
-        return self.client.post("/predict_image", files={"image": (name, data)})
-
-
 @pytest.fixture(scope="module")
-def server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def server(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A fresh `mnist-mlops serve` for this module (127.0.0.1, its default host, a free port)."""
-    with serving(trained_project, tmp_path_factory.mktemp("service")) as srv, \
-            httpx.Client(base_url=srv.url, timeout=60) as client:
-        yield Server(srv.url, srv.log, client)
+    with serving(trained_project, tmp_path_factory.mktemp("service")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +322,7 @@ def test_api_key_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _readme_section(title: str) -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (REPO / "README.md").read_text()
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]

@@ -11,8 +11,7 @@ from mnist_mlops.config import write_params
 from mnist_mlops.errors import UserError
 from mnist_mlops.training.sweep import Candidate, best, parse_grid, split_values
 
-SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
-               "evaluate.misclassified_grid=9"]
+from helpers import SMALL_MODEL
 
 
 def test_grid_parsing():

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import Project, Server, serving
+from helpers import Project, Server, serving
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 API_KEY = "ui-test-key-123"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -49,34 +46,7 @@ def keyed_server(trained_project: Project, tmp_path_factory: pytest.TempPathFact
         yield srv
 
 
-# ---- the browser ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    """Headless Debian Chromium through Selenium, with a fresh profile and console logs on."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install them with "
-                    "`apt-get install chromium chromium-driver` (.ci/run does it)", pytrace=False)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                f"--user-data-dir={profile}", "--window-size=900,1200"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
+# ---- the browser (the `browser` fixture is in conftest.py) ------------------------------
 
 def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]

@@ -1,0 +1,237 @@
+"""The test suite's one shared utility module: throw-away projects and served champions.
+
+Everything here is plain code (no pytest fixtures: those live in tests/conftest.py).
+Test modules import it as `from helpers import ...` (pytest puts tests/ on sys.path).
+Helper processes are started and stopped with the project's own
+`mnist_mlops.platform.processes` (own process group, stopped as a group, never outliving
+the test process), so a test never needs a process stopper of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mnist_mlops.errors import UserError
+from mnist_mlops.platform.processes import LOOPBACK, free_port, start_group, stop_group, wait_http
+
+__all__ = ["BIN", "FAST_PARAMS", "LOOPBACK", "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL",
+           "TELEMETRY_OFF", "Project", "Server", "copy_project", "free_port", "make_project", "serving",
+           "start_server", "stop_group"]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", ".gitignore", "bentofile.yaml", "prefect.yaml", "src", "pipelines"]
+FAST_PARAMS = ["train.epochs=1", "evaluate.min_accuracy=0.5"]
+# The pipeline is under test, not the model: a small ConvNet keeps each training short.
+SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
+               "evaluate.misclassified_grid=9"]
+
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+# MLflow's set_tracking_uri/set_registry_uri/set_experiment also write these into
+# os.environ "so that subprocesses inherit them": they must never leak between tests.
+MLFLOW_PROCESS_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
+                        "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+# --------------------------------------------------------------------------- projects
+
+
+@dataclass
+class Project:
+    """A throw-away copy of the project: its own git repo, stores and environment."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+        """Run a command (e.g. `mnist-mlops run`) in the project, as a user would."""
+        proc = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True,
+                              text=True, timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                                 f"\n--- stderr\n{proc.stderr[-6000:]}")
+        return proc
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "mnist-mlops"), *args, **kw)
+
+    def mlflow_client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"],
+                                   registry_uri=self.env["MLFLOW_TRACKING_URI"])
+
+    def use_env(self, monkeypatch) -> None:
+        """Point this test process at the project's stores (for in-process API calls)."""
+        for key in ("MLFLOW_TRACKING_URI", "BENTOML_HOME", "PREFECT_HOME", "MNIST_MLOPS_ROOT",
+                    "MNIST_MLOPS_CACHE"):
+            monkeypatch.setenv(key, self.env[key])
+        monkeypatch.chdir(self.root)
+
+
+def _store_env(dest: Path) -> dict[str, str]:
+    return {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}",
+        "BENTOML_HOME": str(dest / ".bentoml"),
+        "PREFECT_HOME": str(dest / ".prefect"),
+        "MNIST_MLOPS_ROOT": str(dest),
+        "MNIST_MLOPS_CACHE": str(dest / ".cache"),
+    }
+
+
+def make_project(dest: Path, params: list[str] | None = None) -> Project:
+    """Copy the project's tracked files into `dest`, git-init it, and isolate its stores."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if not src.exists():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, target)
+    inherited = {k: v for k, v in os.environ.items() if k not in MLFLOW_PROCESS_STATE}
+    env = {
+        **inherited,
+        **TELEMETRY_OFF,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **_store_env(dest),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY"):
+        env.pop(key, None)
+    project = Project(dest, env)
+    project.run("git", "init", "-q", "-b", "main")
+    project.run("git", "config", "user.email", "test@example.invalid")
+    project.run("git", "config", "user.name", "test")
+    if params:
+        from mnist_mlops.config import write_params
+
+        write_params(dest, params)
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "test project")
+    return project
+
+
+def copy_project(project: Project, dest: Path) -> Project:
+    """A private copy of a (trained) project with its own stores: to change without sharing.
+
+    Its MLflow runs keep their artifact URIs, i.e. they still point into the original's
+    artifact store; that store is only read (model loads), never written, by a copy.
+    """
+    shutil.copytree(project.root, dest, symlinks=True)
+    return Project(dest, {**project.env, **_store_env(dest)})
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    """A server the test started (`mnist-mlops serve`, `schedule`, ...) in its own process group.
+
+    `proc` is the group's leader (the project's supervisor process); `stop()` ends the
+    whole group. `key` is the API key the server was started with, if any; `client` is an
+    httpx client on `url` that sends it.
+    """
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    key: str | None = None
+    _client: object | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    @property
+    def client(self):
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=60,
+                                        headers={"X-API-Key": self.key} if self.key else {})
+        return self._client
+
+    def predict(self, images, **kw):
+        return self.client.post("/predict", json={"images": images}, **kw)
+
+    def predict_image(self, data: bytes, name: str = "digit.png"):
+        return self.client.post("/predict_image", files={"image": (name, data)})
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the whole group (BentoML's workers too), SIGKILL what is left."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        stop_group(self.proc, timeout)
+
+
+def start_server(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, ready: str,
+                 timeout: float = 300, ok: Callable[[int], bool] = lambda status: status == 200,
+                 url: str | None = None, key: str | None = None) -> Server:
+    """Start `cmd` in its own process group and wait until `ready` answers `ok`; else stop it and fail."""
+    if url is None:
+        parts = urlsplit(ready)
+        url = f"{parts.scheme}://{parts.netloc}"
+    proc = start_group(cmd, log, env, cwd=cwd)
+    server = Server(url, proc, log, key)
+    try:
+        wait_http(ready, proc, timeout, ok)
+    except UserError as exc:
+        server.stop()
+        raise AssertionError(f"{' '.join(cmd[:2])}: {exc}\n--- log\n{server.log_tail()}") from None
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def serving(project: Project, workdir: Path, api_key: str | None = None,
+            ready_timeout: float = 300, extra_args: list[str] | None = None) -> Iterator[Server]:
+    """`mnist-mlops serve` on 127.0.0.1 and a free port, as a user starts it, until /readyz."""
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    env = {**project.env, **({"MNIST_MLOPS_API_KEY": api_key} if api_key else {})}
+    cmd = [str(BIN / "mnist-mlops"), "serve", "--host", LOOPBACK, "--port", str(port), *(extra_args or [])]
+    srv = start_server(cmd, project.root, env, workdir / f"serve-{port}.log", f"{url}/readyz", ready_timeout,
+                       url=url, key=api_key)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def page_text(browser, url: str, *needles: str, timeout: float = 120) -> str:
+    """Open `url` in the browser and wait until the page shows every needle; the page's text."""
+    browser.get(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        body = browser.find_element("tag name", "body").text
+        if all(n in body for n in needles) or time.monotonic() > deadline:
+            return body
+        time.sleep(1)
