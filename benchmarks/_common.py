@@ -75,7 +75,7 @@ def prepared_root(root: Path):
     params = Params()
     paths = Paths(root)
     fetch(params.data, paths.data, paths.cache)
-    sizes = prepare(paths, params.prepare)
+    sizes = prepare(paths, params)
     return paths, sizes
 
 

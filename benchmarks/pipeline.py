@@ -126,7 +126,8 @@ def ab(root: Path, env: dict, n: int) -> None:
     rows.append(["[bold]total (wall)", f"{median(True, None):.1f}", f"{median(False, None):.1f}",
                  f"{median(False, None) - median(True, None):+.1f}"])
     print_table(f"No-change rerun, median of {n} alternating runs each: Prefect's temporary server "
-                "vs the one `mnist-mlops run` starts early", ["step", "Prefect's own s", "started early s", "Δ s"], rows)
+                "vs the one `mnist-mlops run` starts early",
+                ["step", "Prefect's own s", "started early s", "Δ s"], rows)
 
 
 def main() -> None:

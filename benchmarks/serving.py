@@ -10,6 +10,12 @@ The project (default: $MNIST_MLOPS_ROOT or the current directory) must have a ch
 (`make run`); its Bento is built if missing. Targets (from the serving issue):
 (a) ≥ 15× (b) in req/s with 0 errors, (a) ≥ 0.8 × (c), p99 (a) ≤ p99 (b) / 5,
 256-digit requests ≥ 0.5 × in-process batched images/s.
+
+Rollout (from the follow-the-champion issue; needs two registered versions): the same Bento
+in follow mode (f) under the same load, its throughput as a ratio of pinned (a) (≥ 0.95,
+0 errors); then, under load, the champion alias is moved to another version and back:
+seconds from each move to the first answer from the new version, and p99 over the swap
+vs steady state.
 """
 
 from __future__ import annotations
@@ -120,6 +126,36 @@ def in_process_images_per_s(keras_file: str, batch: np.ndarray, seconds: float =
     return n / (time.perf_counter() - start)
 
 
+def rollout(url: str, body: Path, script: Path, connections: int, versions: tuple[str, str]) -> dict:
+    """Under wrk load, move the champion alias to versions[1] and back to versions[0]; returns
+    the seconds from each move to the first answer from the new version, and wrk's figures."""
+    import threading
+
+    import httpx
+    import mlflow
+
+    from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+
+    client = mlflow.MlflowClient()
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(wrk=wrk(url, body, script, 24, connections)))
+    load.start()
+    switch = []
+    digit = {"images": json.loads(body.read_text())["images"]}
+    with httpx.Client(timeout=60) as http:
+        for version in (versions[1], versions[0]):
+            time.sleep(4)
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, version)
+            moved = time.monotonic()
+            while http.post(url, json=digit).json()[0]["model_version"] != version:
+                if time.monotonic() - moved > 120:
+                    raise SystemExit(f"no answer from v{version} within 120 s of the alias move")
+                time.sleep(0.05)
+            switch.append(time.monotonic() - moved)
+    load.join()
+    return result["wrk"] | {"switch_s": switch}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=None, help="project dir (default: the current one)")
@@ -134,8 +170,8 @@ def main() -> None:
 
     from mnist_mlops.config import MODEL_NAME, project_root, tracking_uri
     from mnist_mlops.errors import UserError
-    from mnist_mlops.serving.package import KERAS_FILE, package_champion
     from mnist_mlops.preprocess import normalize
+    from mnist_mlops.serving.package import KERAS_FILE, package_champion
 
     root = project_root()
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
@@ -177,6 +213,26 @@ def main() -> None:
     print(f"bento {packaged['bento']}  ({args.duration:g} s of load per server, {c} clients, wrk)", flush=True)
     bento("a", {})
     bento("c", {"MNIST_MLOPS_NOOP_MODEL": "1"})
+    from mnist_mlops import registry
+    from mnist_mlops.config import load_params
+    from mnist_mlops.platform.tracking import setup_mlflow
+
+    setup_mlflow(root)
+    versions = sorted(int(v.version) for v in registry.client().search_model_versions(f"name='{MODEL_NAME}'"))
+    champion = registry.require_champion()
+    other = next((str(v) for v in reversed(versions) if str(v) != champion), None)
+    follow_env = {"MNIST_MLOPS_FOLLOW": "1", "MNIST_MLOPS_FOLLOW_SECONDS": "1",
+                  "MNIST_MLOPS_MIN_ACCURACY": repr(load_params(root).evaluate.min_accuracy)}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(BIN / "bentoml"), "serve", packaged["bento"], "--host", "127.0.0.1", "--port", str(port)]
+    with server(cmd, f"{url}/readyz", {**env, **follow_env}, tmp / "follow.log"):
+        wrk(f"{url}/predict", one, script, 3, c)
+        results["f"] = wrk(f"{url}/predict", one, script, args.duration, c)
+        if other is not None:
+            results["r"] = rollout(f"{url}/predict", one, script, c, (champion, other))
+        else:
+            print("rollout: skipped, the registry holds one version (train another with `mnist-mlops run --set ...`)")
     if not args.skip_mlflow:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -189,9 +245,10 @@ def main() -> None:
     inproc = in_process_images_per_s(keras_file, batch)
 
     names = {"a": "(a) BentoML service (this)", "b": "(b) mlflow models serve",
-             "c": "(c) same stack, no-op model"}
+             "c": "(c) same stack, no-op model", "f": "(f) (a) following the champion",
+             "r": "(r) (f) during two rollouts"}
     print(f"\n{'server (1 digit/request)':<32} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9}")
-    for key in ("a", "b", "c"):
+    for key in ("a", "b", "c", "f", "r"):
         if key in results:
             r = results[key]
             print(f"{names[key]:<32} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
@@ -199,7 +256,8 @@ def main() -> None:
     a, c_ = results["a"], results["c"]
     big = results["a256"]
     print(f"\n{'256 digits/request (4 clients)':<32} {'images/s':>9}")
-    print(f"{'(a) BentoML service':<32} {big['images_per_s']:>9.0f}   (errors {big['errors']}, p99 {big['p99'] * 1e3:.0f} ms)")
+    print(f"{'(a) BentoML service':<32} {big['images_per_s']:>9.0f}   "
+          f"(errors {big['errors']}, p99 {big['p99'] * 1e3:.0f} ms)")
     print(f"{'in-process batched inference':<32} {inproc:>9.0f}")
 
     def check(ok: bool) -> str:
@@ -210,10 +268,21 @@ def main() -> None:
         b = results["b"]
         print(f"(a)/(b) throughput               {a['rps'] / b['rps']:>8.1f}×   ≥ 15×, 0 errors: "
               f"{check(a['rps'] >= 15 * b['rps'] and a['errors'] == 0)}")
-        print(f"p99 (b)/(a)                      {b['p99'] / a['p99']:>8.1f}×   ≥ 5×: {check(b['p99'] >= 5 * a['p99'])}")
-    print(f"(a)/(c) throughput               {a['rps'] / c_['rps']:>8.2f}    ≥ 0.8: {check(a['rps'] >= 0.8 * c_['rps'])}")
+        print(f"p99 (b)/(a)                      {b['p99'] / a['p99']:>8.1f}×   ≥ 5×: "
+              f"{check(b['p99'] >= 5 * a['p99'])}")
+    print(f"(a)/(c) throughput               {a['rps'] / c_['rps']:>8.2f}    ≥ 0.8: "
+          f"{check(a['rps'] >= 0.8 * c_['rps'])}")
     print(f"256-digit requests / in-process  {big['images_per_s'] / inproc:>8.2f}    ≥ 0.5: "
           f"{check(big['images_per_s'] >= 0.5 * inproc)}")
+    f = results["f"]
+    print(f"(f)/(a) follow vs pinned        {f['rps'] / a['rps']:>8.2f}    ≥ 0.95, 0 errors: "
+          f"{check(f['rps'] >= 0.95 * a['rps'] and f['errors'] == 0)}")
+    if "r" in results:
+        r = results["r"]
+        print(f"alias move → first new answer    {max(r['switch_s']):>8.2f} s  (each: "
+              f"{', '.join(f'{s:.2f}' for s in r['switch_s'])}; follow_seconds 1 + load)")
+        print(f"p99 during rollouts / steady     {r['p99'] / f['p99']:>8.2f}    errors {r['errors']}: "
+              f"{check(r['errors'] == 0)}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -164,10 +164,10 @@ def main() -> None:
 
     from mnist_mlops.config import project_root, tracking_uri
     from mnist_mlops.errors import UserError
-    from mnist_mlops.training.evaluate import load_keras, probabilities
+    from mnist_mlops.preprocess import normalize
+    from mnist_mlops.scoring import load_keras, probabilities
     from mnist_mlops.serving.imaging import image_to_input
     from mnist_mlops.serving.package import KERAS_FILE, package_champion
-    from mnist_mlops.preprocess import normalize
 
     root = project_root()
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
@@ -228,7 +228,8 @@ def main() -> None:
         warm = asyncio.run(load(url, args.clients, args.warmup, valid_json, valid_png, headers, 1, args.valid_share))
         rss_warm = tree_rss(proc.pid)
         t_measure = time.monotonic()
-        result = asyncio.run(load(url, args.clients, args.duration, valid_json, valid_png, headers, 2, args.valid_share))
+        result = asyncio.run(load(url, args.clients, args.duration, valid_json, valid_png, headers, 2,
+                                  args.valid_share))
         elapsed = time.monotonic() - t_measure
         rss_end = tree_rss(proc.pid)
         stop.set()
@@ -298,7 +299,8 @@ def main() -> None:
             "by_status": {str(k): v for k, v in sorted(by_status.items())}, "server_errors": server_errors,
             "wrong_answers": len(wrong), "invalid_not_4xx": invalid_not_4xx,
             "transport_errors": dict(transport), "rss_ready": rss_ready, "rss_after_warmup": rss_warm,
-            "rss_end": rss_end, "rss_max": rss_max, "rss_quarters": quarters, "rss_growth": growth, "readyz_after": ready_after,
+            "rss_end": rss_end, "rss_max": rss_max, "rss_quarters": quarters, "rss_growth": growth,
+            "readyz_after": ready_after,
             "ok": ok}, indent=2) + "\n")
     sys.exit(0 if ok else 1)
 

@@ -208,7 +208,7 @@ def main() -> None:
     pipeline = results["pipeline train.fit"]
     ratio = images_per_s(pipeline, "epoch") / baseline["epoch"]
     paired = [images_per_s([p], "epoch") / images_per_s([b], "epoch")
-              for p, b in zip(pipeline, results["bare Keras (baseline)"])]
+              for p, b in zip(pipeline, results["bare Keras (baseline)"], strict=False)]
     best = images_per_s(pipeline, "epoch", min) / best_base
     print(f"pipeline / baseline (whole epochs, median): {ratio:.2f}× — target ≥ {TARGET:.1f}×: "
           f"{'met' if ratio >= TARGET else 'not met'}; per round: {', '.join(f'{r:.2f}×' for r in paired)}; "

@@ -59,7 +59,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = D
     except UnidentifiedImageError:
         raise ImageError("not a PNG or JPEG image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
-        raise ImageError(f"corrupt or truncated image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"corrupt or truncated image: {reason}") from None
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     return to_grayscale(img)

@@ -124,3 +124,35 @@ def champion_bento(root: Path) -> str:
     if not _exists(bentoml.get, tag):
         raise UserError(f"no Bento for champion v{info['model_version']} yet: run `mnist-mlops package`")
     return tag
+
+
+def serve_command(root: Path, host: str, port: int, pin: str | None,
+                  on_build=lambda message: None) -> tuple[list[str], dict[str, str], str]:
+    """`bentoml serve` of the champion's Bento (built first if missing), and its environment:
+    following the champion alias by default, or pinned to `pin`. Returns (cmd, env, Bento tag)."""
+    import sys
+
+    from mnist_mlops import registry
+    from mnist_mlops.config import tracking_uri
+    from mnist_mlops.serving.follow import FOLLOW_ENV, FOLLOW_SECONDS_ENV, MIN_ACCURACY_ENV, PIN_ENV
+
+    root = Path(root).resolve()
+    params = load_params(root)
+    try:
+        tag = champion_bento(root)
+    except UserError as exc:
+        if not str(exc).startswith("no Bento"):
+            raise
+        on_build(f"{exc}; building it now")
+        tag = package_champion(root)["bento"]
+    if pin is not None:
+        registry.get_version(pin)  # one line if there is no such version
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
+           MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
+           FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds)}
+    if env["MLFLOW_TRACKING_URI"].startswith("sqlite"):  # a fresh connection per poll: a moved or
+        env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # restored file is seen at once
+    env.pop(FOLLOW_ENV if pin else PIN_ENV, None)
+    env.update({PIN_ENV: str(pin)} if pin else {FOLLOW_ENV: "1"})
+    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
+    return cmd, env, tag

@@ -5,7 +5,8 @@ Endpoints
                        integers 0–255, with or without the channel axis). Adaptive batching.
 - POST /predict_image  multipart field `image`: a PNG/JPEG of any size, converted the classic
                        MNIST way (mnist_mlops.serving.imaging) and normalised like the training data.
-- GET  /model          which model answers: registered version, MLflow run id, data md5, accuracy.
+- GET  /model          which model answers (registered version, MLflow run id, data md5,
+                       accuracy, loaded-at), the mode (follow / pinned), the last reload error.
 - GET  /ui/            the drawing page (static files from mnist_mlops/serving/ui/).
 - /healthz /livez /readyz /metrics (Prometheus) and the OpenAPI page at / — BentoML's own.
 
@@ -15,15 +16,18 @@ with other requests, so one bad request can only fail itself (400 with a message
 The body size limit (413) and the optional API key (401) are an ASGI middleware in front of
 everything.
 
-Inference runs through one `tf.function` traced once for any batch size, never
-`model.predict` (~50 ms a call). Build arguments (`bentoml build --arg`, set by
+Modes: `mnist-mlops serve` *follows* the registry's champion alias by default and swaps
+models without a restart (mnist_mlops.serving.follow); `--pin VERSION` serves one registered
+version; a Bento served as built (`bentoml serve`, a container) serves its own model. Each
+worker does this by itself. Inference runs through one `tf.function` traced once for any
+batch size, never `model.predict` (~50 ms a call). Build arguments (`bentoml build --arg`, set by
 `mnist-mlops package` from params.yaml's `serve` section) pick the model and the limits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 import os
 from pathlib import Path
@@ -36,8 +40,21 @@ from pydantic_core import PydanticCustomError
 
 from mnist_mlops.config import MODEL_NAME, ServeParams
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
+from mnist_mlops.scoring import load_keras
+from mnist_mlops.serving.follow import (
+    FOLLOW_ENV,
+    FOLLOW_SECONDS_ENV,
+    MIN_ACCURACY_ENV,
+    PIN_ENV,
+    ChampionFollower,
+    LoadedModel,
+    champion_version,
+    compile_forward,
+    load_version,
+)
 
 logger = logging.getLogger("mnist_mlops.serving.service")
+logging.getLogger("mnist_mlops").setLevel(logging.INFO)  # BentoML's root level would hide model swaps
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"
@@ -63,12 +80,19 @@ ARGS = bentoml.use_arguments(ServeArgs)
 
 
 def gpu_count() -> int:
-    """NVIDIA GPUs visible to this machine, without importing TensorFlow (0 on failure)."""
-    try:
-        from bentoml._internal.resource import system_resources
+    """NVIDIA GPUs visible to this machine, without importing TensorFlow (0 on failure).
 
-        return len(system_resources().get("nvidia.com/gpu", []))
-    except Exception:  # noqa: BLE001 - no NVML, no GPU
+    NVML (nvidia-ml-py, a BentoML dependency) is what BentoML itself asks; no driver → 0.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML library or driver: no GPU
         return 0
 
 
@@ -147,6 +171,12 @@ class ModelInfo(BaseModel):
     run_id: str
     data_md5: str | None = None
     test_accuracy: float | None = None
+    canary_accuracy: float | None = None
+    source: str = Field(description="registry (loaded from MLflow) or the Bento's own model")
+    loaded_at: str
+    mode: str = Field(description="follow: swaps to each new champion; pinned: serves one version")
+    last_reload_error: str | None = None
+    registry_reachable: bool | None = None
     bentoml_model: str
     device: str
 
@@ -189,8 +219,8 @@ class Guard:
         headers = dict(scope["headers"])
         path = scope["path"]
         if self.api_key and not is_open(path) and not self.authorized(headers):
-            resp = error_response(401, "unauthorized", f"missing or wrong API key: send 'Authorization: "
-                                  f"Bearer <key>' or 'X-API-Key: <key>'", "header")
+            resp = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: "
+                                  "Bearer <key>' or 'X-API-Key: <key>'", "header")
             resp.headers["WWW-Authenticate"] = "Bearer"
             return await resp(scope, receive, send)
         length = headers.get(b"content-length")
@@ -266,8 +296,7 @@ def _extra_app():
     from starlette.staticfiles import StaticFiles
 
     async def model_info(_request):
-        svc = bentoml.get_current_service()
-        return JSONResponse(svc.info.model_dump())
+        return JSONResponse(bentoml.get_current_service().model_info().model_dump())
 
     routes = [Route("/model", model_info, methods=["GET"]),
               Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"])]
@@ -277,6 +306,22 @@ def _extra_app():
 
 
 # --------------------------------------------------------------------------- the service
+
+def _metrics() -> dict:
+    """Follow-mode metrics, per worker (BentoML serves them at /metrics, multiprocess-aware)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return {
+        "version": Gauge("mnist_served_model_version", "registered version this worker serves",
+                         multiprocess_mode="liveall"),
+        "reloads": Counter("mnist_model_reloads_total", "champion changes loaded and swapped in"),
+        "failures": Counter("mnist_model_reload_failures_total", "versions refused: unloadable or failing the canary"),
+        "seconds": Histogram("mnist_model_reload_seconds", "seconds to load, trace and check a new version",
+                             buckets=(0.5, 1, 2, 5, 10, 20, 40, 80)),
+    }
+
+
+METRICS = _metrics()
 
 SERVICE_CONFIG: dict[str, Any] = {
     "name": "mnist_classifier",
@@ -294,45 +339,74 @@ class MnistClassifier:
 
     def __init__(self) -> None:
         self.device = configure_tensorflow()
-        import keras
-        import tensorflow as tf
+        self.mode = "follow" if os.environ.get(FOLLOW_ENV) == "1" else "pinned"
+        self.min_accuracy = float(os.environ.get(MIN_ACCURACY_ENV, "0"))
+        self.active = self._first_model()
+        self.follower: ChampionFollower | None = None
+        self._follow_task: asyncio.Task | None = None
+        if self.mode == "follow":
+            every = float(os.environ.get(FOLLOW_SECONDS_ENV) or ARGS.follow_seconds)
+            self.follower = ChampionFollower(lambda: self.active, self._swap, every, self.min_accuracy, METRICS)
+        METRICS["version"].set(float(self.active.version) if self.active.version.isdigit() else -1)
+        logger.info("serving %s v%s (run %s, %s) on %s, %s", MODEL_NAME, self.active.version, self.active.run_id,
+                    self.active.source, self.device, self.mode)
 
+    def _first_model(self) -> LoadedModel:
+        """Pinned to a version, the champion when following (the Bento's model if the registry
+        cannot be read at start), else the Bento's own model."""
+        pin = os.environ.get(PIN_ENV)
+        if pin:
+            return load_version(pin, self.min_accuracy)  # a ReloadError stops the start: nothing to serve
+        if self.mode == "follow":
+            try:
+                return load_version(champion_version(), self.min_accuracy)
+            except Exception as exc:  # noqa: BLE001 - start on the Bento's model; the follower retries
+                logger.warning("champion not loadable from the registry at start (%s): serving the Bento's "
+                               "model until it is", exc)
+        return self._bento_model()
+
+    def _bento_model(self) -> LoadedModel:
         meta = dict(self.bento_model.info.metadata)
-        self.info = ModelInfo(
-            model_name=str(meta.get("model_name", MODEL_NAME)),
-            model_version=str(meta.get("model_version", "unknown")),
-            run_id=str(meta.get("run_id", "unknown")),
-            data_md5=meta.get("data_md5"),
-            test_accuracy=meta.get("test_accuracy"),
-            bentoml_model=str(self.bento_model.tag),
-            device=self.device,
-        )
         # Keras safe mode: loading the file can never run arbitrary code.
-        self.model = keras.models.load_model(self.bento_model.path_of(KERAS_FILE), safe_mode=True,
-                                             compile=False)
-        model = self.model
+        model = load_keras(Path(self.bento_model.path_of(KERAS_FILE)))
+        return LoadedModel(version=str(meta.get("model_version", "unknown")), run_id=str(meta.get("run_id", "unknown")),
+                           forward=compile_forward(model), source=f"bento {self.bento_model.tag}",
+                           data_md5=meta.get("data_md5"), test_accuracy=meta.get("test_accuracy"))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.float32)],
-                     reduce_retracing=True)
-        def forward(x):
-            return model(x, training=False)
+    def _swap(self, new: LoadedModel) -> None:
+        """One reference: a request reads it once, so it meets the old model or the new one."""
+        self.active = new
 
-        self.forward = forward
-        self.probabilities(np.zeros((1, *INPUT_SHAPE), np.float32))  # trace once, before /readyz
-        logger.info("serving %s v%s (run %s) on %s", self.info.model_name, self.info.model_version,
-                    self.info.run_id, self.device)
+    @bentoml.on_startup
+    async def start_following(self) -> None:
+        """Each worker follows by itself: an asyncio task, blocking work in threads."""
+        if self.follower is not None:
+            self._follow_task = asyncio.create_task(self.follower.run())
 
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
+    @bentoml.on_shutdown
+    async def stop_following(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+
+    def model_info(self) -> ModelInfo:
+        a, f = self.active, self.follower
+        return ModelInfo(model_name=MODEL_NAME, model_version=a.version, run_id=a.run_id, data_md5=a.data_md5,
+                         test_accuracy=a.test_accuracy, canary_accuracy=a.canary_accuracy, source=a.source,
+                         loaded_at=a.loaded_at, mode=self.mode, last_reload_error=f.state.last_error if f else None,
+                         registry_reachable=f.state.registry_reachable if f else None,
+                         bentoml_model=str(self.bento_model.tag), device=self.device)
+
+    def probabilities(self, x: np.ndarray, active: LoadedModel | None = None) -> np.ndarray:
         if NOOP_MODEL:
             return np.full((len(x), 10), 0.1, np.float32)
-        return self.forward(x).numpy()
+        return (active or self.active).forward(x)
 
     def predictions(self, x: np.ndarray) -> list[dict]:
-        probs = self.probabilities(x)
+        active = self.active  # read once: the whole batch is answered by one model
+        probs = self.probabilities(x, active)
         digits = probs.argmax(axis=1)
-        version = self.info.model_version
         return [{"digit": int(d), "confidence": float(p[d]), "probabilities": p.tolist(),
-                 "model_version": version} for d, p in zip(digits, probs)]
+                 "model_version": active.version} for d, p in zip(digits, probs, strict=True)]
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, images: Images) -> list[Prediction]:
@@ -361,9 +435,7 @@ def configure_tensorflow() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return "cpu"
-    from bentoml._internal.context import server_context
-
-    index = ((server_context.worker_index or 1) - 1) % len(gpus)
+    index = ((bentoml.server_context.worker_index or 1) - 1) % len(gpus)
     try:
         tf.config.set_visible_devices(gpus[index], "GPU")
         tf.config.experimental.set_memory_growth(gpus[index], True)
