@@ -34,9 +34,6 @@ import pytest
 
 from helpers import FAST_PARAMS, MLFLOW_PROCESS_STATE, TELEMETRY_OFF, Project, Server, make_project, serving
 
-# Still imported from here by tests/test_faults.py; everything else imports them from helpers.
-from helpers import BIN, free_port  # noqa: F401  isort: skip
-
 os.environ.update(TELEMETRY_OFF)
 
 

@@ -27,22 +27,12 @@ import pytest
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 
-from conftest import BIN, Project, free_port
+from helpers import BIN, Project, copy_project, free_port, stop_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def copy_project(project: Project, dest: Path) -> Project:
-    """A private copy of a trained project (its own stores), to break without sharing."""
-    shutil.copytree(project.root, dest, symlinks=True)
-    env = dict(project.env)
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{dest / 'mlflow.db'}", BENTOML_HOME=str(dest / ".bentoml"),
-               PREFECT_HOME=str(dest / ".prefect"), MNIST_MLOPS_ROOT=str(dest),
-               MNIST_MLOPS_CACHE=str(dest / ".cache"))
-    return Project(dest, env)
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -95,14 +85,6 @@ def flip_byte(path: Path, offset: int = -100) -> None:
 # --------------------------------------------------------------------------- SIGKILL mid-training
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
-
-
 @pytest.mark.timeout(900)
 def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Project, tmp_path: Path) -> None:
     import psutil
@@ -135,7 +117,7 @@ def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Pro
         assert proc.wait(300) == 2
     finally:
         if proc.poll() is None:
-            _stop(proc)
+            stop_group(proc, 5)
         reader.join(10)
     out = "".join(lines)
     assert "stage 'train' failed" in out, out[-4000:]

@@ -114,8 +114,9 @@ def register_broken(project: Project, tmp_path: Path) -> str:
     client = project.mlflow_client()
     good = client.get_model_version(MODEL_NAME, "1")
     bad = tmp_path / "model"
-    shutil.copytree(Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1", tracking_uri=project.env["MLFLOW_TRACKING_URI"])), bad)
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(project.env["MLFLOW_TRACKING_URI"])
+    shutil.copytree(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/1")), bad)
     (bad / "data" / "model.keras").write_bytes(b"not a keras file")
     run = client.create_run(client.get_experiment_by_name(MODEL_NAME).experiment_id)
     client.log_artifacts(run.info.run_id, str(bad), "model")

@@ -45,7 +45,7 @@ def test_runs_carry_datasets_system_metrics_and_descriptions(trained_project: Pr
         assert {t.key: t.value for t in d.tags}["mlflow.data.context"] == context
     system = [k for k in run.data.metrics if k.startswith("system/")]
     assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
-    assert "mnist-convnet" in client.get_registered_model(MODEL_NAME).description
+    assert "MNIST ConvNet" in client.get_registered_model(MODEL_NAME).description
     assert "champion" in client.get_registered_model(MODEL_NAME).description
     description = client.get_model_version(MODEL_NAME, mv.version).description
     assert md5 in description and "Gate: promoted" in description and "test accuracy" in description
@@ -64,6 +64,7 @@ def test_mlflow_ui_opens_on_the_runs_table(trained_project: Project, tmp_path: P
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
         url = re.search(r"MLflow UI: (\S+)", log.read_text()).group(1)
         assert url.endswith(f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning")
+        browser.set_window_size(1600, 1000)  # the runs table renders only the columns in view
         body = page_text(browser, url, run.info.run_name, "mnist-train")
         browser.save_screenshot(str(tmp_path / "mlflow-runs.png"))
         assert "Run Name" in body and "Dataset" in body, body[:3000]  # the runs table, not GenAI views

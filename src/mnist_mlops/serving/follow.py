@@ -32,6 +32,9 @@ from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 
 logger = logging.getLogger("mnist_mlops.serving.follow")
+# MLflow's sqlite store logs a multi-line ERROR on every failed query: an unreachable store
+# would print one per poll. The follower says it once, and says when the store is back.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # The canary: the first 20 digits of each class in the base test split of the sample (prepare's
 # default split), uint8 as stored in data/: 200 labelled digits no version ever trained on.
