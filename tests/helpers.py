@@ -229,6 +229,23 @@ def serving(project: Project, workdir: Path, api_key: str | None = None,
 def page_text(browser, url: str, *needles: str, timeout: float = 120) -> str:
     """Open `url` in the browser and wait until the page shows every needle; the page's text."""
     browser.get(url)
+    return wait_text(browser, *needles, timeout=timeout)
+
+
+def click_text(browser, text: str, timeout: float = 60) -> None:
+    """Click the innermost element whose whole text is `text` (a tab, a button)."""
+    deadline = time.monotonic() + timeout
+    script = """const want = arguments[0];
+        const el = [...document.querySelectorAll('button, a, [role=tab], li, span, div')].reverse()
+            .find(e => e.textContent.trim() === want);
+        if (el) { el.click(); return true; } return false;"""
+    while not browser.execute_script(script, text):
+        assert time.monotonic() < deadline, f"nothing to click named {text!r}"
+        time.sleep(1)
+
+
+def wait_text(browser, *needles: str, timeout: float = 90) -> str:
+    """Wait until the current page shows every needle; the page's text."""
     deadline = time.monotonic() + timeout
     while True:
         body = browser.find_element("tag name", "body").text

@@ -151,7 +151,7 @@ def test_broken_versions_are_refused_and_the_old_one_keeps_answering(two_version
                          (register_untrained(two_versions), "below the floor")):
         set_champion(two_versions, version)
         deadline = time.monotonic() + 60
-        while version not in str(following.client.get("/model").json()["last_reload_error"]):
+        while f"v{version} " not in str(following.client.get("/model").json()["last_reload_error"]):
             assert time.monotonic() < deadline, following.client.get("/model").json()
             assert following.predict(DIGIT).json()[0]["model_version"] == "1"
             time.sleep(0.3)
@@ -179,7 +179,7 @@ def test_an_unreachable_store_keeps_serving_and_recovers(two_versions: Project, 
             resp = following.predict(DIGIT)
             assert resp.status_code == 200 and resp.json()[0]["model_version"] == before
             time.sleep(FOLLOW_SECONDS)
-        assert following.log_tail(20000).count("registry unreachable") == 1  # one line, not one per poll
+        assert following.log.read_text(errors="replace").count("registry unreachable") == 1  # not one per poll
     finally:
         db.rmdir()
         hidden.rename(db)
@@ -215,7 +215,7 @@ def test_a_scheduled_champion_is_answered_without_a_restart(two_versions: Projec
     try:
         client = two_versions.mlflow_client()
         deadline = time.monotonic() + 900
-        while (champion := client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version) == "1":
+        while (champion := str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)) == "1":
             assert time.monotonic() < deadline, schedule.log_tail()
             assert schedule.proc.poll() is None, schedule.log_tail()
             time.sleep(2)
@@ -224,7 +224,7 @@ def test_a_scheduled_champion_is_answered_without_a_restart(two_versions: Projec
     wait_version(following, str(champion), timeout=FOLLOW_SECONDS + 60)
     answer = following.predict(DIGIT).json()[0]
     assert answer["model_version"] == str(champion)
-    assert int(champion) > 2 and "promoted" in client.get_model_version(MODEL_NAME, champion).tags["gate.decision"]
+    assert int(champion) > 2 and client.get_model_version(MODEL_NAME, champion).tags["gate.decision"] == "promoted"
 
 
 def serving_schedule(project: Project, port: int, log: Path) -> Server:

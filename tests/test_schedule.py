@@ -17,7 +17,7 @@ import pytest
 from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
 
-from helpers import BIN, SMALL_MODEL, free_port, page_text
+from helpers import BIN, SMALL_MODEL, click_text, free_port, page_text, wait_text
 
 pytestmark = pytest.mark.slow
 
@@ -139,10 +139,13 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
         browser.save_screenshot(str(tmp_path / "prefect-deployments.png"))
         assert "scheduled" in body and "mnist-training" in body, body[:2000]
         assert "Something went wrong" not in body and "Oops" not in body
-        body = page_text(browser, f"{ui}/runs/flow-run/{done[0]['id']}", "promote")
+        page_text(browser, f"{ui}/runs/flow-run/{done[0]['id']}", "Task Runs")
+        click_text(browser, "Task Runs")
+        body = wait_text(browser, "check-tracking", "promote")
         browser.save_screenshot(str(tmp_path / "prefect-flow-run.png"))
         assert "check-tracking" in body and "promote" in body, body[:3000]  # the run's tasks
-        body = page_text(browser, f"{ui}/runs/flow-run/{done[0]['id']}?tab=Artifacts", "training-summary")
+        click_text(browser, "Artifacts")
+        body = wait_text(browser, "training-summary")
         assert "training-summary" in body, body[:3000]
     finally:
         if proc.poll() is None:
