@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import LOOPBACK, free_port, start_group, stop_group, wait_http
+from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["BIN", "FAST_PARAMS", "LOOPBACK", "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL",
            "TELEMETRY_OFF", "Project", "Server", "copy_project", "free_port", "make_project", "serving",
@@ -36,14 +37,6 @@ FAST_PARAMS = ["train.epochs=1", "evaluate.min_accuracy=0.5"]
 SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
                "evaluate.misclassified_grid=9"]
 
-TELEMETRY_OFF = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
 # MLflow's set_tracking_uri/set_registry_uri/set_experiment also write these into
 # os.environ "so that subprocesses inherit them": they must never leak between tests.
 MLFLOW_PROCESS_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",

@@ -22,15 +22,21 @@ TAG_HOST = "process.host"
 TAG_PID = "process.pid"
 
 
+# Every library's telemetry off, TensorFlow's C++ chatter down (the tests use the same set).
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
 def quiet_env() -> None:
     """Telemetry off and TensorFlow's C++ chatter down, before the heavy imports."""
     for key, value in {
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        "BENTOML_DO_NOT_TRACK": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **TELEMETRY_OFF,
         "GIT_PYTHON_REFRESH": "quiet",
         # no "Downloading artifacts" bars when the gate loads registered models
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
