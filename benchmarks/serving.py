@@ -16,6 +16,10 @@ in follow mode (f) under the same load, its throughput as a ratio of pinned (a) 
 0 errors); then, under load, the champion alias is moved to another version and back:
 seconds from each move to the first answer from the new version, and p99 over the swap
 vs steady state.
+
+Prediction log (from the feedback issue): (n) is (a) with `serve.log_predictions` off; with
+the log on, throughput ≥ 0.9 × (n) and p99 ≤ 1.2 × (n), in the same invocation.
+`--only a,n` (or `a,f`) runs a subset: each server costs a start plus 2 × duration.
 """
 
 from __future__ import annotations
@@ -162,7 +166,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--only", default="a,b,c,n,f", help="servers to run, of a,b,c,n,f (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if args.skip_mlflow:
+        only.discard("b")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     if args.project:
@@ -195,7 +203,8 @@ def main() -> None:
     many.write_text(json.dumps({"images": digits[np.arange(256) % len(digits)].tolist()}))
     one_mlflow = tmp / "one-mlflow.json"
     one_mlflow.write_text(json.dumps({"inputs": normalize(digits[:1]).tolist()}))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MNIST_MLOPS_PREDICTION_LOG": str(tmp / "predictions"), "MNIST_MLOPS_FEEDBACK": str(tmp / "feedback")}
     results: dict[str, dict] = {}
     c = args.connections
 
@@ -211,8 +220,10 @@ def main() -> None:
                 results["a256"] = big | {"images_per_s": big["rps"] * 256}
 
     print(f"bento {packaged['bento']}  ({args.duration:g} s of load per server, {c} clients, wrk)", flush=True)
-    bento("a", {})
-    bento("c", {"MNIST_MLOPS_NOOP_MODEL": "1"})
+    bento("a", {"MNIST_MLOPS_LOG_PREDICTIONS": "1"})
+    for key, extra in (("n", {"MNIST_MLOPS_LOG_PREDICTIONS": "0"}), ("c", {"MNIST_MLOPS_NOOP_MODEL": "1"})):
+        if key in only:
+            bento(key, extra)
     from mnist_mlops import registry
     from mnist_mlops.config import load_params
     from mnist_mlops.platform.tracking import setup_mlflow
@@ -223,17 +234,19 @@ def main() -> None:
     other = next((str(v) for v in reversed(versions) if str(v) != champion), None)
     follow_env = {"MNIST_MLOPS_FOLLOW": "1", "MNIST_MLOPS_FOLLOW_SECONDS": "1",
                   "MNIST_MLOPS_MIN_ACCURACY": repr(load_params(root).evaluate.min_accuracy)}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "bentoml"), "serve", packaged["bento"], "--host", "127.0.0.1", "--port", str(port)]
-    with server(cmd, f"{url}/readyz", {**env, **follow_env}, tmp / "follow.log"):
-        wrk(f"{url}/predict", one, script, 3, c)
-        results["f"] = wrk(f"{url}/predict", one, script, args.duration, c)
-        if other is not None:
-            results["r"] = rollout(f"{url}/predict", one, script, c, (champion, other))
-        else:
-            print("rollout: skipped, the registry holds one version (train another with `mnist-mlops run --set ...`)")
-    if not args.skip_mlflow:
+    if "f" in only:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(BIN / "bentoml"), "serve", packaged["bento"], "--host", "127.0.0.1", "--port", str(port)]
+        with server(cmd, f"{url}/readyz", {**env, **follow_env}, tmp / "follow.log"):
+            wrk(f"{url}/predict", one, script, 3, c)
+            results["f"] = wrk(f"{url}/predict", one, script, args.duration, c)
+            if other is not None:
+                results["r"] = rollout(f"{url}/predict", one, script, c, (champion, other))
+            else:
+                print("rollout: skipped, the registry holds one version (train another with "
+                      "`mnist-mlops run --set train.seed=7`)")
+    if "b" in only:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}/{packaged['model_version']}",
@@ -246,14 +259,14 @@ def main() -> None:
 
     names = {"a": "(a) BentoML service (this)", "b": "(b) mlflow models serve",
              "c": "(c) same stack, no-op model", "f": "(f) (a) following the champion",
-             "r": "(r) (f) during two rollouts"}
+             "r": "(r) (f) during two rollouts", "n": "(n) (a) with the log off"}
     print(f"\n{'server (1 digit/request)':<32} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9}")
-    for key in ("a", "b", "c", "f", "r"):
+    for key in ("a", "n", "b", "c", "f", "r"):
         if key in results:
             r = results[key]
             print(f"{names[key]:<32} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
                   f"{r['errors']:>7} {r['requests']:>9}")
-    a, c_ = results["a"], results["c"]
+    a = results["a"]
     big = results["a256"]
     print(f"\n{'256 digits/request (4 clients)':<32} {'images/s':>9}")
     print(f"{'(a) BentoML service':<32} {big['images_per_s']:>9.0f}   "
@@ -270,10 +283,25 @@ def main() -> None:
               f"{check(a['rps'] >= 15 * b['rps'] and a['errors'] == 0)}")
         print(f"p99 (b)/(a)                      {b['p99'] / a['p99']:>8.1f}×   ≥ 5×: "
               f"{check(b['p99'] >= 5 * a['p99'])}")
-    print(f"(a)/(c) throughput               {a['rps'] / c_['rps']:>8.2f}    ≥ 0.8: "
-          f"{check(a['rps'] >= 0.8 * c_['rps'])}")
+    if "c" in results:
+        c_ = results["c"]
+        print(f"(a)/(c) throughput               {a['rps'] / c_['rps']:>8.2f}    ≥ 0.8: "
+              f"{check(a['rps'] >= 0.8 * c_['rps'])}")
+    if "n" in results:
+        n = results["n"]
+        print(f"(a)/(n) throughput, log on/off   {a['rps'] / n['rps']:>8.2f}    ≥ 0.9, 0 errors: "
+              f"{check(a['rps'] >= 0.9 * n['rps'] and a['errors'] == 0)}")
+        print(f"p99 (a)/(n), log on/off          {a['p99'] / n['p99']:>8.2f}    ≤ 1.2: "
+              f"{check(a['p99'] <= 1.2 * n['p99'])}")
+        from mnist_mlops.prediction_log import read_window
+
+        logged = len(read_window(tmp / "predictions"))
+        print(f"predictions in the log           {logged:>8}    (answered by the servers with the log on)")
     print(f"256-digit requests / in-process  {big['images_per_s'] / inproc:>8.2f}    ≥ 0.5: "
           f"{check(big['images_per_s'] >= 0.5 * inproc)}")
+    if "f" not in results:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     f = results["f"]
     print(f"(f)/(a) follow vs pinned        {f['rps'] / a['rps']:>8.2f}    ≥ 0.95, 0 errors: "
           f"{check(f['rps'] >= 0.95 * a['rps'] and f['errors'] == 0)}")

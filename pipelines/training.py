@@ -71,13 +71,18 @@ def check_data(root: str) -> str | None:
 @task(name="fetch")
 def fetch(root: str, params: Params) -> dict:
     """Download/load the source into data/ atomically (retried on failure)."""
-    from mnist_mlops.training.data import fetch as fetch_data
+    from mnist_mlops.training.fetch import fetch as fetch_data
 
     paths = Paths(Path(root))
-    result = fetch_data(params.data, paths.data, paths.cache)
-    get_run_logger().info("%s digits from %s (%s)", result.count, result.source,
-                          "data/ updated" if result.changed else "data/ unchanged")
-    return {"count": result.count, "source": result.source, "changed": result.changed}
+    result = fetch_data(params.data, paths)
+    log = get_run_logger()
+    log.info("%s digits from %s, %s labelled by people (%s)", result.count, result.source, result.feedback,
+             "data/ updated" if result.changed else "data/ unchanged")
+    if result.kept:
+        log.info("%s new labelled digits kept for later: fewer than data.feedback_min_new=%s",
+                 result.kept, params.data.feedback_min_new)
+    return {"count": result.count, "source": result.source, "changed": result.changed,
+            "feedback": result.feedback, "kept": result.kept}
 
 
 @task(name="version")
@@ -107,13 +112,14 @@ def promote(root: str, min_accuracy: float) -> dict:
     """The champion gate on the version the evaluate stage registered."""
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
-    from mnist_mlops.training.prepare import test_split
+    from mnist_mlops.training.prepare import feedback_slice, test_split
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
     registered = json.loads(paths.registered.read_text())
-    test = test_split(paths, load_params(paths.root))
-    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy)
+    params = load_params(paths.root)
+    test, fb = test_split(paths, params), feedback_slice(paths, params)
+    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy, {"feedback": (fb.x, fb.y)})
     get_run_logger().info("version %s %s: %s", decision.version,
                           "promoted to champion" if decision.promoted else "not promoted", decision.reason)
     return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
@@ -180,6 +186,8 @@ def versioned_data(root: str, params: Params) -> dict:
         "data md5": versioned["md5"],
         "data source": fetched["source"],
         "digits": fetched["count"],
+        "labelled by people": fetched["feedback"] if not fetched["kept"] else
+        f"{fetched['feedback']} ({fetched['kept']} new kept for later: fewer than data.feedback_min_new)",
         **({"data check": f"{drift}: restored from the source"} if drift else {}),
     }
 

@@ -110,7 +110,7 @@ def make_project(dest: Path, params: list[str] | None = None) -> Project:
         **_store_env(dest),
         "PYTHONUNBUFFERED": "1",
     }
-    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY"):
+    for key in ("PREFECT_API_URL", "MNIST_MLOPS_API_KEY", "MNIST_MLOPS_PREDICTION_LOG", "MNIST_MLOPS_FEEDBACK"):
         env.pop(key, None)
     project = Project(dest, env)
     project.run("git", "init", "-q", "-b", "main")
@@ -204,12 +204,19 @@ def start_server(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, read
 
 
 @contextlib.contextmanager
-def serving(project: Project, workdir: Path, api_key: str | None = None,
-            ready_timeout: float = 300, extra_args: list[str] | None = None) -> Iterator[Server]:
-    """`mnist-mlops serve` on 127.0.0.1 and a free port, as a user starts it, until /readyz."""
+def serving(project: Project, workdir: Path, api_key: str | None = None, ready_timeout: float = 300,
+            extra_args: list[str] | None = None, records_in_project: bool = False) -> Iterator[Server]:
+    """`mnist-mlops serve` on 127.0.0.1 and a free port, as a user starts it, until /readyz.
+
+    The prediction log and the labels it takes go to `workdir` (a shared project stays read
+    only), or to the project's own logs/ and feedback/ with `records_in_project`.
+    """
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     env = {**project.env, **({"MNIST_MLOPS_API_KEY": api_key} if api_key else {})}
+    if not records_in_project:
+        env |= {"MNIST_MLOPS_PREDICTION_LOG": str(workdir / "predictions"),
+                "MNIST_MLOPS_FEEDBACK": str(workdir / "feedback")}
     cmd = [str(BIN / "mnist-mlops"), "serve", "--host", LOOPBACK, "--port", str(port), *(extra_args or [])]
     srv = start_server(cmd, project.root, env, workdir / f"serve-{port}.log", f"{url}/readyz", ready_timeout,
                        url=url, key=api_key)

@@ -56,8 +56,10 @@ def secured(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) 
     """`mnist-mlops serve` with an API key, on its default host, until /readyz (an open path)."""
     key = secrets.token_urlsafe(24)
     port = free_port()
-    log = tmp_path_factory.mktemp("secured") / f"serve-{port}.log"  # never inside the shared project
-    env = dict(trained_project.env, MNIST_MLOPS_API_KEY=key)
+    workdir = tmp_path_factory.mktemp("secured")
+    log = workdir / f"serve-{port}.log"  # never inside the shared project, nor its records
+    env = dict(trained_project.env, MNIST_MLOPS_API_KEY=key, MNIST_MLOPS_PREDICTION_LOG=str(workdir / "predictions"),
+               MNIST_MLOPS_FEEDBACK=str(workdir / "feedback"))
     server = start_server([str(BIN / "mnist-mlops"), "serve", "--port", str(port)], trained_project.root, env, log,
                           f"http://{LOOPBACK}:{port}/readyz", key=key)
     try:
@@ -148,6 +150,12 @@ def test_requests_without_the_right_key_get_401(secured: Server, digit: list) ->
             resp = c.post("/predict", json=body, headers=headers)
             assert resp.status_code == 200 and 0 <= resp.json()[0]["digit"] <= 9, resp.text
         assert c.get("/model", headers={"X-API-Key": secured.key}).status_code == 200
+        # Labels are guarded like predictions: without the key nothing is stored.
+        label = {"prediction_id": resp.json()[0]["prediction_id"], "label": 3}
+        assert c.post("/feedback", json=label).status_code == 401
+        assert c.post("/feedback", json=label, headers={"X-API-Key": "wrong"}).status_code == 401
+        stored = c.post("/feedback", json=label, headers={"X-API-Key": secured.key})
+        assert stored.status_code == 200 and stored.json()["stored"] == 1, stored.text
 
 
 def test_health_endpoints_stay_open(secured: Server) -> None:

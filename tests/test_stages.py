@@ -20,10 +20,10 @@ PACKAGE = "mnist_mlops"
 # Parameters no DVC stage reads, and who reads them instead.
 NOT_STAGE_INPUTS = {
     **dict.fromkeys(["data.source", "data.mnist_url", "data.mnist_sha256", "data.sha256", "data.retries",
-                     "data.retry_delay_seconds", "data.timeout_seconds"],
+                     "data.retry_delay_seconds", "data.timeout_seconds", "data.feedback", "data.feedback_min_new"],
                     "the flow's fetch step (its result, data/, is the prepare stage's dependency)"),
     "evaluate.min_accuracy": "the champion gate, after the stages (a new floor re-gates, it does not re-register)",
-    "serve.": "the Bento build (mnist-mlops package)",
+    "serve.": "the Bento build (mnist-mlops package) and `mnist-mlops serve`",
 }
 
 

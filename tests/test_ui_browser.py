@@ -227,6 +227,7 @@ def test_api_key_field(keyed_server: Server, browser, trained_project: Project) 
     champion = champion_version(trained_project)
     WebDriverWait(browser, 30).until(
         lambda d: d.find_element(By.ID, "served-model").text.endswith(f"version {champion}"))
+    assert click_feedback(browser, label=3) == "Thanks: recorded as 3."  # the label is sent with the key too
     assert console_errors(browser) == []
 
 
@@ -238,4 +239,46 @@ def test_empty_canvas_asks_for_a_drawing(server: Server, browser) -> None:
     browser.find_element(By.ID, "predict").click()
     error = browser.find_element(By.ID, "error")
     assert error.is_displayed() and "Draw a digit" in error.text
+    assert console_errors(browser) == []
+
+
+def click_feedback(driver, button_id: str | None = None, label: int | None = None) -> str:
+    """Press "Right" or a digit under "Wrong? Tap the right digit" and wait for the page's confirmation."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    css = f"#{button_id}" if button_id else f'#digits button[data-label="{label}"]'
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    status = driver.find_element(By.ID, "feedback-status")
+    WebDriverWait(driver, 60).until(lambda d: status.text.startswith(("Thanks", "Not recorded")))
+    return status.text
+
+
+def test_right_and_wrong_buttons_store_the_label(server: Server, browser) -> None:
+    """After a prediction the page offers "Right" and ten digits; each tap is stored, the last label wins."""
+    from selenium.webdriver.common.by import By
+
+    from mnist_mlops import feedback
+
+    store = server.log.parent / "feedback"  # `serving` keeps the shared project's stores untouched
+    before = len(feedback.read_all(store))
+    open_page(browser, server)
+    draw_seven(browser, "mouse")
+    shown = press_predict_and_read(browser, server)
+    page = browser.find_element(By.ID, "answer").text
+    assert "Right" in page and "Wrong? Tap the right digit" in page
+    assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#digits button")] == [str(d) for d in range(10)]
+
+    digit = int(shown["digit"])
+    assert click_feedback(browser, button_id="right") == f"Thanks: recorded as right ({digit})."
+    wrong = (digit + 1) % 10
+    assert click_feedback(browser, label=wrong) == f"Thanks: recorded as {wrong}."
+    pressed = browser.find_elements(By.CSS_SELECTOR, '#feedback button[aria-pressed="true"]')
+    assert [b.text for b in pressed] == [str(wrong)]
+
+    records = feedback.read_all(store).records[before:]
+    assert [r["label"] for r in records] == [digit, wrong]
+    assert {r["predicted"] for r in records} == {digit} and {r["source"] for r in records} == {"feedback"}
+    assert records[0]["prediction_id"] == records[1]["prediction_id"]
+    assert feedback.accepted(store).labels[-1] == wrong  # relabelled: the newest label is the one kept
     assert console_errors(browser) == []

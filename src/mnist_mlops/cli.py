@@ -106,13 +106,15 @@ def fetch(
 ) -> None:
     """Fetch the data source into data/ (validated, written atomically) without training."""
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.training.data import fetch as fetch_data
+    from mnist_mlops.training.fetch import fetch as fetch_data
 
     root = _root()
     params = load_params(root, [*(set_ or []), *([f"data.source={source}"] if source else [])])
     paths = Paths(root)
-    result = fetch_data(params.data, paths.data, paths.cache)
+    result = fetch_data(params.data, paths)
     print_summary("mnist-mlops fetch", {"digits": result.count, "source": result.source,
+                                         "labelled by people": result.feedback,
+                                         **({"kept for later": result.kept} if result.kept else {}),
                                          "data/": "updated" if result.changed else "unchanged"})
 
 
@@ -267,6 +269,72 @@ def predict(
     console.print(table)
     if any(a.error for a in answers):
         raise typer.Exit(1)
+
+
+feedback_app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback_counts(ctx: typer.Context) -> None:
+    """Print the labelled digits: total, new since the current data version, per label, disagreement."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mnist_mlops import feedback
+    from mnist_mlops.config import Paths
+    from mnist_mlops.training.data import feedback_meta
+
+    paths = Paths(_root())
+    meta = feedback_meta(paths.data)
+    c = feedback.counts(paths.feedback, meta["newest"] if meta else None)
+    share = "n/a" if c["disagreed_share"] is None else \
+        f"{c['disagreed_share']:.1%} ({c['disagreed']} of {c['from_predictions']} labelled predictions)"
+    print_summary("mnist-mlops feedback", {
+        "labelled digits": c["total"],
+        "new since the current data version": f"{c['new']} (data/ has {meta['count'] if meta else 0})",
+        "per label": "  ".join(f"{d}:{n}" for d, n in c["per_label"].items()),
+        "label disagreed with the prediction": share,
+        "newest": c["newest"] or "none",
+        "store": str(paths.feedback),
+    })
+
+
+@feedback_app.command("import")
+def feedback_import(
+    folder: Annotated[Path, typer.Argument(help="A folder with 0/ … 9/ subfolders of PNG/JPEG digits.")],
+) -> None:
+    """Store labelled images (DIR/<digit>/*.png|jpg), converted like the service converts uploads."""
+    from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.serving.labelled import import_folder
+
+    root = _root()
+    serve = load_params(root).serve
+    result = import_folder(folder, Paths(root).feedback, serve.max_image_pixels, serve.max_image_bytes)
+    if result.skipped:
+        table = Table(title=f"skipped {len(result.skipped)} files", title_justify="left")
+        table.add_column("file")
+        table.add_column("why")
+        for name, why in result.skipped:
+            table.add_row(name, why)
+        err_console.print(table)
+    print_summary("mnist-mlops feedback import", {
+        "stored": result.stored, "skipped": len(result.skipped),
+        "per label": "  ".join(f"{d}:{n}" for d, n in result.per_label.items()),
+    })
+
+
+@feedback_app.command("export")
+def feedback_export(
+    path: Annotated[Path, typer.Argument(help="Where to write the .npz (x: uint8 N×28×28, y: labels).")],
+) -> None:
+    """Write every labelled digit (newest label of each) to an .npz."""
+    from mnist_mlops import feedback
+    from mnist_mlops.config import Paths
+
+    if path.suffix != ".npz":
+        raise UserError(f"{path}: the export is an .npz file; name it FILE.npz")
+    n = feedback.export(Paths(_root()).feedback, path)
+    print_summary("mnist-mlops feedback export", {"digits": n, "file": str(path)})
 
 
 @app.command()

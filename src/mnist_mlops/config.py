@@ -33,6 +33,8 @@ class DataParams(_Section):
     retry_delay_seconds: float = Field(1.0, ge=0)
     timeout_seconds: float = Field(60.0, gt=0)
     max_class_imbalance: float = Field(3.0, ge=1.0)
+    feedback: bool = True
+    feedback_min_new: int = Field(20, ge=0)
 
     @field_validator("source")
     @classmethod
@@ -46,6 +48,7 @@ class PrepareParams(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
+    feedback_slice_fraction: float = Field(0.2, ge=0, lt=1)
 
 
 class ModelParams(_Section):
@@ -91,6 +94,9 @@ class ServeParams(_Section):
     workers: int = Field(0, ge=0, le=64)
     timeout_seconds: float = Field(60.0, gt=0)
     follow_seconds: float = Field(5.0, gt=0, le=3600)
+    log_predictions: bool = True
+    log_max_mb: float = Field(256.0, gt=0)
+    max_feedback_items: int = Field(1000, ge=1, le=100_000)
 
 
 class Params(_Section):
@@ -219,6 +225,8 @@ class Paths:
         self.confusion = self.reports / "confusion.csv"
         self.figures = self.reports / "figures"
         self.lock = self.root / ".mnist-mlops.lock"
+        self.feedback = self.root / "feedback"  # the labelled digits (mnist_mlops.feedback)
+        self.prediction_log = self.root / "logs" / "predictions"  # what the service answered
         self.cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
 
 

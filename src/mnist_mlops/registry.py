@@ -72,13 +72,18 @@ def get_version(version: str):
 
 def rescore(version: str, x: np.ndarray, y: np.ndarray):
     """Load a registered version and score it on the given test data (never trust old runs)."""
+    return rescore_on(version, {"test": (x, y)})["test"]
+
+
+def rescore_on(version: str, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Load a registered version once and score it on each named (x, y) set that holds digits."""
     import mlflow
 
     from mnist_mlops.scoring import probabilities, score
 
     model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
                                     load_model_kwargs={"safe_mode": True, "compile": False})
-    return score(probabilities(model, x), y)
+    return {name: score(probabilities(model, x), y) for name, (x, y) in sets.items() if len(y)}
 
 
 def describe_version(version: str, gate_line: str) -> None:
@@ -117,8 +122,10 @@ def _decided_under(tags: dict[str, str], floor: float) -> bool:
         return False
 
 
-def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float) -> Decision:
-    """Promote `version` iff it clears the floor and is not worse than the champion re-scored.
+def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
+         slices: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Decision:
+    """Promote `version` iff it clears the floor on the base test split and is not worse than
+    the champion, both re-scored, on the base test split nor on any slice (e.g. "feedback").
 
     A version is decided once per floor: rerunning the gate under the same floor reports the
     earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again
@@ -128,7 +135,9 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float) -> Dec
     decided = tags.get(TAG_DECISION)
     if decided and (TAG_FLOOR not in tags or decided == "rolled_back" or _decided_under(tags, min_accuracy)):
         return Decision(version, decided == "promoted", f"already decided: {tags.get(TAG_REASON, '')}")
-    candidate = rescore(version, x, y)
+    sets = {"test": (x, y), **(slices or {})}
+    scores = rescore_on(version, sets)
+    candidate = scores["test"]
     acc = candidate.accuracy
     current = champion_version()
     if not candidate.finite:
@@ -150,15 +159,23 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float) -> Dec
     if current == version:
         _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
         return Decision(version, True, "already champion", acc)
-    champ = rescore(current, x, y)
-    if acc < champ.accuracy:
-        reason = (f"test accuracy {acc:.4f} worse than champion v{current} ({champ.accuracy:.4f}) "
-                  "on the same test data")
+    champ = rescore_on(current, sets)
+    worse, better = [], []
+    for name, mine in scores.items():
+        theirs = champ[name].accuracy
+        where = "the same test data" if name == "test" else f"the {name} slice ({len(sets[name][1])} digits)"
+        line = f"{'test' if name == 'test' else name} accuracy {mine.accuracy:.4f}"
+        if mine.accuracy < theirs:
+            worse.append(f"{line} worse than champion v{current} ({theirs:.4f}) on {where}")
+        else:
+            better.append(f"{line} >= champion v{current} ({theirs:.4f}) on {where}")
+    if worse:
+        reason = "; ".join(worse)
         _reject(version, reason, min_accuracy)
-        return Decision(version, False, reason, acc, champ.accuracy, current)
-    reason = f"test accuracy {acc:.4f} >= champion v{current} ({champ.accuracy:.4f}) on the same test data"
+        return Decision(version, False, reason, acc, champ["test"].accuracy, current)
+    reason = "; ".join(better)
     _set_alias(version, reason, current, min_accuracy)
-    return Decision(version, True, reason, acc, champ.accuracy, current)
+    return Decision(version, True, reason, acc, champ["test"].accuracy, current)
 
 
 def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accuracy: float,

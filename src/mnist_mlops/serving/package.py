@@ -132,8 +132,8 @@ def serve_command(root: Path, host: str, port: int, pin: str | None,
     following the champion alias by default, or pinned to `pin`. Returns (cmd, env, Bento tag)."""
     import sys
 
-    from mnist_mlops import registry
-    from mnist_mlops.config import tracking_uri
+    from mnist_mlops import feedback, prediction_log, registry
+    from mnist_mlops.config import Paths, tracking_uri
     from mnist_mlops.serving.follow import FOLLOW_ENV, FOLLOW_SECONDS_ENV, MIN_ACCURACY_ENV, PIN_ENV
 
     root = Path(root).resolve()
@@ -149,7 +149,12 @@ def serve_command(root: Path, host: str, port: int, pin: str | None,
         registry.get_version(pin)  # one line if there is no such version
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
            MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
-           FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds)}
+           FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds),
+           # The log and the labels live in the project (unless the environment says where).
+           prediction_log.DIR_ENV: os.environ.get(prediction_log.DIR_ENV) or str(Paths(root).prediction_log),
+           feedback.DIR_ENV: os.environ.get(feedback.DIR_ENV) or str(Paths(root).feedback),
+           prediction_log.ON_ENV: "1" if params.serve.log_predictions else "0",
+           prediction_log.MAX_MB_ENV: repr(params.serve.log_max_mb)}
     if env["MLFLOW_TRACKING_URI"].startswith("sqlite"):  # a fresh connection per poll: a moved or
         env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # restored file is seen at once
     env.pop(FOLLOW_ENV if pin else PIN_ENV, None)

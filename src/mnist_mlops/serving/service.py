@@ -5,6 +5,8 @@ Endpoints
                        integers 0–255, with or without the channel axis). Adaptive batching.
 - POST /predict_image  multipart field `image`: a PNG/JPEG of any size, converted the classic
                        MNIST way (mnist_mlops.serving.imaging) and normalised like the training data.
+- POST /feedback       JSON {"prediction_id": "...", "label": 7} or a list of them: a person's
+                       label for an earlier prediction, stored in the feedback store.
 - GET  /model          which model answers (registered version, MLflow run id, data md5,
                        accuracy, loaded-at), the mode (follow / pinned), the last reload error.
 - GET  /ui/            the drawing page (static files from mnist_mlops/serving/ui/).
@@ -15,6 +17,10 @@ pydantic validator while the request is parsed, *before* the adaptive batcher me
 with other requests, so one bad request can only fail itself (400 with a message).
 The body size limit (413) and the optional API key (401) are an ASGI middleware in front of
 everything.
+
+Every prediction carries a `prediction_id` (and, for a single one, the `X-Prediction-Id`
+header) and is recorded in the prediction log (mnist_mlops.prediction_log), off the request
+path; `serve.log_predictions: false` turns that off.
 
 Modes: `mnist-mlops serve` *follows* the registry's champion alias by default and swaps
 models without a restart (mnist_mlops.serving.follow); `--pin VERSION` serves one registered
@@ -30,6 +36,8 @@ import asyncio
 import hmac
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +46,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from mnist_mlops import feedback, prediction_log
 from mnist_mlops.config import MODEL_NAME, ServeParams
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 from mnist_mlops.scoring import load_keras
@@ -159,6 +168,7 @@ Images = Annotated[Any, BeforeValidator(parse_images), WithJsonSchema(IMAGES_SCH
 
 
 class Prediction(BaseModel):
+    prediction_id: str = Field(description="this answer's id: POST it to /feedback with the right label")
     digit: int = Field(description="the predicted digit, 0–9")
     confidence: float = Field(description="the probability of that digit")
     probabilities: list[float] = Field(description="the probability of each digit 0–9")
@@ -192,6 +202,80 @@ def error_response(status: int, kind: str, message: str, loc: str = "body"):
     return JSONResponse(error_body(status, kind, message, loc), status_code=status)
 
 
+# --------------------------------------------------------------------------- feedback requests
+
+class FeedbackError(ValueError):
+    """A /feedback request that stores nothing: its HTTP status, error kind and one-line reason."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def parse_feedback(body: bytes, max_items: int = ARGS.max_feedback_items) -> dict[str, int]:
+    """`{"prediction_id", "label"}` or a list of them → {id: label}, a repeated id's last label winning."""
+    import json
+
+    def bad(message: str) -> FeedbackError:
+        return FeedbackError(400, "invalid_feedback", message)
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise bad('the body is not JSON: send {"prediction_id": "...", "label": 7} or a list of them') from None
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise bad("empty list: send at least one {prediction_id, label}")
+    if len(items) > max_items:
+        raise bad(f"too many items: {len(items)} in one request, at most {max_items}")
+    labels: dict[str, int] = {}
+    for i, item in enumerate(items):
+        where = f"item {i}" if isinstance(data, list) else "the body"
+        if not isinstance(item, dict):
+            raise bad(f"{where} must be an object with 'prediction_id' and 'label'")
+        if unknown := sorted(set(item) - {"prediction_id", "label"}):
+            raise bad(f"{where}: unknown field '{unknown[0]}' (expected 'prediction_id' and 'label')")
+        pid, label = item.get("prediction_id"), item.get("label")
+        if not isinstance(pid, str) or not pid:
+            raise bad(f"{where}: 'prediction_id' must be the id string a prediction returned")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
+            raise bad(f"{where}: 'label' must be an integer 0–9, got {json.dumps(label)}")
+        labels[pid] = label
+    return labels
+
+
+PREDICTION_ID = re.compile(rb'"prediction_id":\s*"([0-9a-f]{28})"')
+
+
+def with_prediction_id_header(send):
+    """Wrap an ASGI `send`: a response holding exactly one prediction gets `X-Prediction-Id`.
+
+    The response start is held until the body is complete (a prediction's body is small).
+    """
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        ids = PREDICTION_ID.findall(body) if start.get("status") == 200 else []
+        if len(ids) == 1:
+            start = {**start, "headers": [*start.get("headers", []), (b"x-prediction-id", ids[0])]}
+        await send(start)
+        start = None
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return wrapped
+
+
 # --------------------------------------------------------------------------- middleware
 
 class Guard:
@@ -218,6 +302,8 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         path = scope["path"]
+        if scope.get("method") == "POST" and path.rstrip("/") in ("/predict", "/predict_image"):
+            send = with_prediction_id_header(send)
         if self.api_key and not is_open(path) and not self.authorized(headers):
             resp = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: "
                                   "Bearer <key>' or 'X-API-Key: <key>'", "header")
@@ -298,7 +384,16 @@ def _extra_app():
     async def model_info(_request):
         return JSONResponse(bentoml.get_current_service().model_info().model_dump())
 
+    async def take_feedback(request):
+        try:
+            labels = parse_feedback(await request.body())
+        except FeedbackError as exc:
+            return error_response(exc.status, exc.kind, str(exc))
+        status, body = await asyncio.to_thread(bentoml.get_current_service().store_feedback, labels)
+        return JSONResponse(body, status_code=status)
+
     routes = [Route("/model", model_info, methods=["GET"]),
+              Route("/feedback", take_feedback, methods=["POST"]),
               Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"])]
     if UI_DIR.is_dir():
         routes.append(Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"))
@@ -348,6 +443,8 @@ class MnistClassifier:
             every = float(os.environ.get(FOLLOW_SECONDS_ENV) or ARGS.follow_seconds)
             self.follower = ChampionFollower(lambda: self.active, self._swap, every, self.min_accuracy, METRICS)
         METRICS["version"].set(float(self.active.version) if self.active.version.isdigit() else -1)
+        self.log_dir, self.log = self._prediction_log()
+        self.feedback = feedback.FeedbackStore(Path(os.environ.get(feedback.DIR_ENV) or "feedback").resolve())
         logger.info("serving %s v%s (run %s, %s) on %s, %s", MODEL_NAME, self.active.version, self.active.run_id,
                     self.active.source, self.device, self.mode)
 
@@ -373,6 +470,16 @@ class MnistClassifier:
                            forward=compile_forward(model), source=f"bento {self.bento_model.tag}",
                            data_md5=meta.get("data_md5"), test_accuracy=meta.get("test_accuracy"))
 
+    @staticmethod
+    def _prediction_log() -> tuple[Path, prediction_log.PredictionLog | None]:
+        """This worker's log writer (None when `serve.log_predictions` is off)."""
+        directory = Path(os.environ.get(prediction_log.DIR_ENV) or "logs/predictions").resolve()
+        on = os.environ.get(prediction_log.ON_ENV)
+        if not (ARGS.log_predictions if on is None else on == "1"):
+            return directory, None
+        max_mb = float(os.environ.get(prediction_log.MAX_MB_ENV) or ARGS.log_max_mb)
+        return directory, prediction_log.PredictionLog(directory, max_mb)
+
     def _swap(self, new: LoadedModel) -> None:
         """One reference: a request reads it once, so it meets the old model or the new one."""
         self.active = new
@@ -387,6 +494,36 @@ class MnistClassifier:
     async def stop_following(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
+        if self.log is not None:
+            await asyncio.to_thread(self.log.close)  # what is queued is written before the worker exits
+
+    def find_predictions(self, ids: set[str]) -> dict[str, tuple[dict, np.ndarray]]:
+        """Logged predictions by id, this worker's queue written first. An id made in the last
+        moments by another worker may still be in that worker's queue: wait one flush for it."""
+        if self.log is not None:
+            self.log.flush()
+        found = prediction_log.find(self.log_dir, ids)
+        fresh = {i for i in ids - found.keys()
+                 if (t := prediction_log.id_time(i)) is not None and time.time() - t < 4 * prediction_log.FLUSH_SECONDS}
+        if fresh:
+            time.sleep(2 * prediction_log.FLUSH_SECONDS + 0.1)
+            found |= prediction_log.find(self.log_dir, fresh)
+        return found
+
+    def store_feedback(self, labels: dict[str, int]) -> tuple[int, dict]:
+        """Store every label, or none: an unknown prediction id is a 404 for the whole request."""
+        found = self.find_predictions(set(labels))
+        missing = [i for i in labels if i not in found]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            why = " (the prediction log is off: serve.log_predictions=false)" if self.log is None else ""
+            return 404, error_body(404, "unknown_prediction", f"unknown prediction_id {missing[0]!r}{more}{why}",
+                                   "prediction_id")
+        records = [{"label": label, "source": "feedback", "prediction_id": pid, "predicted": found[pid][0]["digit"],
+                    "model_version": found[pid][0]["model_version"]} for pid, label in labels.items()]
+        self.feedback.add(records, np.stack([found[pid][1] for pid in labels]))
+        return 200, {"stored": len(records),
+                     "items": [{k: r[k] for k in ("prediction_id", "label", "predicted")} for r in records]}
 
     def model_info(self) -> ModelInfo:
         a, f = self.active, self.follower
@@ -401,17 +538,20 @@ class MnistClassifier:
             return np.full((len(x), 10), 0.1, np.float32)
         return (active or self.active).forward(x)
 
-    def predictions(self, x: np.ndarray) -> list[dict]:
+    def predictions(self, x: np.ndarray, endpoint: str) -> list[dict]:
         active = self.active  # read once: the whole batch is answered by one model
         probs = self.probabilities(x, active)
         digits = probs.argmax(axis=1)
-        return [{"digit": int(d), "confidence": float(p[d]), "probabilities": p.tolist(),
-                 "model_version": active.version} for d, p in zip(digits, probs, strict=True)]
+        ids = prediction_log.new_ids(len(x))
+        if self.log is not None:
+            self.log.record(ids, endpoint, active.version, probs, x)
+        return [{"prediction_id": i, "digit": int(d), "confidence": float(p[d]), "probabilities": p.tolist(),
+                 "model_version": active.version} for i, d, p in zip(ids, digits, probs, strict=True)]
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, images: Images) -> list[Prediction]:
         """Classify 28×28 digits: one prediction per image, in order."""
-        return self.predictions(images)
+        return self.predictions(images, "predict")
 
     @bentoml.api
     def predict_image(self, image: Path) -> Prediction:
@@ -425,7 +565,7 @@ class MnistClassifier:
             return error_response(413, "image_too_large", str(exc), "image")
         except ImageError as exc:
             return error_response(400, "invalid_image", str(exc), "image")
-        return Prediction(**self.predictions(x)[0])
+        return Prediction(**self.predictions(x, "predict_image")[0])
 
 
 def configure_tensorflow() -> str:

@@ -3,6 +3,10 @@
 Whatever the source, the raw digits land in `data/` as two `.npy` files (uint8 images
 N×28×28, uint8 labels N). `np.save` is byte-for-byte reproducible, so fetching the same
 source twice gives the same `data.dvc` hash and DVC skips every stage downstream.
+
+With `data.feedback` on, the labelled digits of the feedback store follow the base source's
+rows, and `data/feedback.json` says how many there are and when the newest was labelled:
+that is the data version's record of its feedback, and what "new since" is counted against.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import struct
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from mnist_mlops.errors import UserError
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
+FEEDBACK_FILE = "feedback.json"
 _CHUNK = 1 << 16
 
 
@@ -40,6 +47,11 @@ class FetchResult:
     changed: bool
     count: int
     source: str
+    feedback: int = 0  # labelled digits from the feedback store in this data version
+    kept: int = 0  # new labelled digits left for a later version (fewer than data.feedback_min_new)
+
+
+FeedbackRows = Callable[[Digits, Path], tuple[Digits, "dict | None", int]]
 
 
 class DataError(UserError):
@@ -242,13 +254,11 @@ def read_data(data_dir: Path) -> Digits:
 
 
 def _same_contents(a: Path, b: Path) -> bool:
-    return all(
-        (a / n).exists() and (b / n).exists() and sha256_of(a / n) == sha256_of(b / n)
-        for n in (IMAGES_FILE, LABELS_FILE)
-    )
+    names = {p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}
+    return all((a / n).exists() and (b / n).exists() and sha256_of(a / n) == sha256_of(b / n) for n in names)
 
 
-def write_data(digits: Digits, data_dir: Path) -> bool:
+def write_data(digits: Digits, data_dir: Path, feedback_meta: dict | None = None) -> bool:
     """Write `data/` atomically; return False (and touch nothing) when it already matches.
 
     Files go to a sibling temp dir first, then the directories are swapped with renames,
@@ -262,6 +272,8 @@ def write_data(digits: Digits, data_dir: Path) -> bool:
                 np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if feedback_meta:
+            (tmp / FEEDBACK_FILE).write_text(json.dumps(feedback_meta, indent=2, sort_keys=True) + "\n")
         if data_dir.exists() and _same_contents(tmp, data_dir):
             return False
         old = data_dir.with_name(f".data-old-{os.getpid()}")
@@ -274,12 +286,30 @@ def write_data(digits: Digits, data_dir: Path) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fetch(params: DataParams, data_dir: Path, cache: Path) -> FetchResult:
-    """Load, validate and atomically store the configured source in `data_dir`."""
+def feedback_meta(data_dir: Path) -> dict | None:
+    """`data/feedback.json`: {count, newest, base} of the feedback rows in data/, None without any."""
+    try:
+        return json.loads((data_dir / FEEDBACK_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise DataError(f"{data_dir / FEEDBACK_FILE} is corrupt ({exc}): `dvc checkout data` or fetch again") from None
+
+
+def fetch(params: DataParams, data_dir: Path, cache: Path, feedback: FeedbackRows | None = None) -> FetchResult:
+    """Load, validate and atomically store the configured source in `data_dir`.
+
+    `feedback(base, data_dir)` (mnist_mlops.training.fetch) adds labelled digits after the base
+    rows and returns (digits, data/feedback.json contents, new digits kept for later).
+    """
     digits, origin = load_source(params, cache)
     digits = validate(digits, params.max_class_imbalance)
-    changed = write_data(digits, data_dir)
-    return FetchResult(data_dir, changed, len(digits.labels), origin)
+    meta, kept = None, 0
+    if feedback is not None:
+        digits, meta, kept = feedback(digits, data_dir)
+        digits = validate(digits, params.max_class_imbalance)
+    changed = write_data(digits, data_dir, meta)
+    return FetchResult(data_dir, changed, len(digits.labels), origin, meta["count"] if meta else 0, kept)
 
 
 def npz_bytes(digits: Digits) -> bytes:

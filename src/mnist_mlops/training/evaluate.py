@@ -1,4 +1,5 @@
-"""Evaluate: score the trained model on the test split, log and register it in MLflow."""
+"""Evaluate: score the trained model on the test split (and the feedback slice), log and
+register it in MLflow."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from mnist_mlops.config import MODEL_NAME, Params, Paths
 from mnist_mlops.registry import MODEL_DESCRIPTION, describe_version
 from mnist_mlops.scoring import load_keras, probabilities, score
-from mnist_mlops.training.prepare import load_split
+from mnist_mlops.training.prepare import FEEDBACK_INFO, FEEDBACK_SPLIT, load_split
 
 
 def per_class(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -72,6 +73,21 @@ def _patch_keras_input_example() -> None:
     keras_save._save_example = save_example
 
 
+def feedback_metrics(model, paths: Paths) -> tuple[dict[str, float], dict[str, str]]:
+    """Accuracy on the held-out feedback slice (when it holds digits), and the data version's
+    feedback record: how many labelled digits it has, and when the newest was labelled."""
+    info_file = paths.prepared / FEEDBACK_INFO
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    metrics = {"feedback_digits": float(info.get("digits", 0))}
+    tags = {"data.feedback_count": str(info.get("digits", 0)), "data.feedback_newest": str(info.get("newest"))}
+    if (paths.prepared / f"{FEEDBACK_SPLIT}_y.npy").exists():
+        fb = load_split(paths.prepared, FEEDBACK_SPLIT)
+        metrics["feedback_slice_digits"] = float(len(fb.y))
+        if len(fb.y):
+            metrics["feedback_accuracy"] = score(probabilities(model, fb.x), fb.y).accuracy
+    return metrics, tags
+
+
 def log_and_register(model, x_example: np.ndarray, probs: np.ndarray, tags: dict[str, str]):
     """Log the Keras model with a signature and input example; register it as a new version."""
     import keras
@@ -113,21 +129,28 @@ def evaluate(params: Params, paths: Paths) -> dict:
     paths.reports.mkdir(parents=True, exist_ok=True)
     write_confusion_csv(test.y, pred, paths.confusion)
     figures = write_figures(model, test.x, test.y, probs, params, paths)
+    fb_metrics, fb_tags = feedback_metrics(model, paths)
+    metrics |= fb_metrics
 
     run_id = json.loads(paths.train_run.read_text())["run_id"]
     setup_mlflow(paths.root)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         mlflow.set_tag("model.finite_outputs", str(result.finite).lower())
+        mlflow.set_tags(fb_tags)
         for fig in figures:
             mlflow.log_artifact(str(fig), "figures")
         mlflow.log_artifact(str(paths.confusion), "reports")
         tags = {"test_accuracy": f"{result.accuracy:.6f}", "finite_outputs": str(result.finite).lower(),
-                "data.md5": run.data.tags.get("data.md5", "untracked")}
+                "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
+                **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
+                   if "feedback_accuracy" in fb_metrics else {})}
         version = log_and_register(model, test.x, probs, tags)
     summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
                "finite_outputs": result.finite,
-               "per_class": {k: round(v, 4) for k, v in metrics.items() if not k.startswith("test_")}}
+               **fb_metrics,
+               "per_class": {k: round(v, 4) for k, v in metrics.items()
+                             if k.startswith(("precision_", "recall_", "f1_"))}}
     paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     registered = {"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")

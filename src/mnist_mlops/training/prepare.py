@@ -1,7 +1,15 @@
-"""Prepare: normalise the raw digits and split them, stratified and seeded."""
+"""Prepare: normalise the raw digits and split them, stratified and seeded.
+
+The base source's digits are split exactly as they always were, so the base test split the
+gate compares champion and challenger on never changes when feedback arrives. Labelled
+feedback digits (the rows after `base` in data/feedback.json) go to train, val or the
+*feedback slice* by a hash of their pixels: a digit stays on its side in every data version.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +18,10 @@ import numpy as np
 from mnist_mlops.config import Params, Paths, PrepareParams
 from mnist_mlops.errors import UserError
 from mnist_mlops.preprocess import normalize
-from mnist_mlops.training.data import Digits, read_data, validate
+from mnist_mlops.training.data import Digits, feedback_meta, read_data, validate
+
+FEEDBACK_SPLIT = "feedback"  # the held-out feedback slice: prepared/feedback_{x,y}.npy
+FEEDBACK_INFO = "feedback.json"  # prepared/feedback.json: counts per side, newest label time
 
 
 @dataclass(frozen=True)
@@ -31,28 +42,50 @@ def stratified_split(labels: np.ndarray, params: PrepareParams) -> dict[str, np.
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def _raw(paths: Paths, params: Params) -> Digits:
-    return validate(read_data(paths.data), params.data.max_class_imbalance)
+def _raw(paths: Paths, params: Params) -> tuple[Digits, int]:
+    """data/ validated, and how many of its rows are the base source's (the rest are feedback)."""
+    digits = validate(read_data(paths.data), params.data.max_class_imbalance)
+    meta = feedback_meta(paths.data)
+    return digits, (int(meta["base"]) if meta else len(digits.labels))
+
+
+def feedback_sides(images: np.ndarray, slice_fraction: float, val_fraction: float) -> np.ndarray:
+    """'slice', 'val' or 'train' per feedback digit, from a hash of its pixels (stable across versions)."""
+    u = np.array([int(hashlib.sha256(img.tobytes()).hexdigest()[:8], 16) / 2**32 for img in images])
+    return np.where(u < slice_fraction, "slice",
+                    np.where(u < slice_fraction + (1 - slice_fraction) * val_fraction, "val", "train"))
 
 
 def prepare(paths: Paths, params: Params) -> dict[str, int]:
     """data/ → artifacts/prepared/{split}_x.npy, {split}_y.npy; returns the split sizes."""
-    digits = _raw(paths, params)
+    digits, base = _raw(paths, params)
     x = normalize(digits.images)
     out = paths.prepared
     out.mkdir(parents=True, exist_ok=True)
+    splits = stratified_split(digits.labels[:base], params.prepare)
+    sides = feedback_sides(digits.images[base:], params.prepare.feedback_slice_fraction, params.prepare.val_fraction)
+    extra = {name: base + np.flatnonzero(sides == side) for name, side in
+             (("train", "train"), ("val", "val"), (FEEDBACK_SPLIT, "slice"))}
+    splits = {"train": np.concatenate([splits["train"], extra["train"]]),
+              "val": np.concatenate([splits["val"], extra["val"]]),
+              "test": splits["test"], FEEDBACK_SPLIT: extra[FEEDBACK_SPLIT]}
     sizes = {}
-    for name, idx in stratified_split(digits.labels, params.prepare).items():
+    for name, idx in splits.items():
         np.save(out / f"{name}_x.npy", x[idx], allow_pickle=False)
         np.save(out / f"{name}_y.npy", digits.labels[idx], allow_pickle=False)
         sizes[name] = int(len(idx))
+    meta = feedback_meta(paths.data) or {}
+    info = {"digits": len(digits.labels) - base, "newest": meta.get("newest"),
+            **{f"in_{name}": int(len(idx)) for name, idx in extra.items()}}
+    (out / FEEDBACK_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return sizes
 
 
 def stage(params: Params, paths: Paths) -> str:
     """The DVC `prepare` stage."""
     sizes = prepare(paths, params)
-    return f"prepare: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test digits"
+    return (f"prepare: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test digits, "
+            f"{sizes[FEEDBACK_SPLIT]} in the feedback slice")
 
 
 def load_split(prepared: Path, name: str) -> Split:
@@ -70,9 +103,20 @@ def test_split(paths: Paths, params: Params) -> Split:
     """
     if (paths.prepared / "test_x.npy").exists():
         return load_split(paths.prepared, "test")
-    digits = _raw(paths, params)
-    idx = stratified_split(digits.labels, params.prepare)["test"]
+    digits, base = _raw(paths, params)
+    idx = stratified_split(digits.labels[:base], params.prepare)["test"]
     return Split(normalize(digits.images[idx]), digits.labels[idx])
+
+
+def feedback_slice(paths: Paths, params: Params) -> Split:
+    """The held-out feedback digits the gate also scores on (empty without feedback)."""
+    if (paths.prepared / f"{FEEDBACK_SPLIT}_x.npy").exists():
+        return load_split(paths.prepared, FEEDBACK_SPLIT)
+    digits, base = _raw(paths, params)
+    sides = feedback_sides(digits.images[base:], params.prepare.feedback_slice_fraction, params.prepare.val_fraction)
+    idx = base + np.flatnonzero(sides == "slice")
+    return Split(normalize(digits.images[idx]) if len(idx) else np.zeros((0, 28, 28, 1), np.float32),
+                 digits.labels[idx])
 
 
 test_split.__test__ = False  # a library function, not a pytest test

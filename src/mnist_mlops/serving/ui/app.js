@@ -8,6 +8,7 @@
 (function () {
   const PREDICT_URL = "../predict_image";  // relative: works wherever the service is mounted
   const MODEL_URL = "../model";
+  const FEEDBACK_URL = "../feedback";
   const KEY_STORE = "mnist-mlops-api-key";
   const INK = "#000000";
   const PAPER = "#ffffff";
@@ -29,6 +30,7 @@
   let drawn = false;
   let chosenFile = null;
   let busy = false;
+  let lastPrediction = null;  // {id, digit} of the answer on screen: what feedback labels
 
   // ---- drawing -----------------------------------------------------------------------
   function lineWidth() { return Math.round(canvas.width / 14); }  // ~2 px once fitted to 20×20
@@ -220,8 +222,50 @@
       li.append(label, track, value);
       bars.appendChild(li);
     });
+    lastPrediction = { id: String(body.prediction_id), digit };
+    resetFeedback();
     answerEl.hidden = false;
   }
+
+  // ---- feedback: people correct the model; the label is stored for the next training run
+  const feedbackButtons = () => [$("right"), ...document.querySelectorAll("#digits button")];
+
+  function resetFeedback() {
+    $("feedback-status").textContent = "";
+    feedbackButtons().forEach((b) => { b.disabled = false; b.setAttribute("aria-pressed", "false"); });
+  }
+
+  async function sendFeedback(label, button) {
+    if (!lastPrediction) return;
+    clearError();
+    const buttons = feedbackButtons();
+    buttons.forEach((b) => { b.disabled = true; });
+    $("feedback-status").textContent = "Sending…";
+    try {
+      const resp = await fetch(FEEDBACK_URL, {
+        method: "POST",
+        headers: { ...headers(), "Content-Type": "application/json" },
+        body: JSON.stringify({ prediction_id: lastPrediction.id, label }),
+      });
+      if (!resp.ok) throw new Error(await errorMessage(resp));
+      buttons.forEach((b) => b.setAttribute("aria-pressed", String(b === button)));
+      $("feedback-status").textContent = label === lastPrediction.digit
+        ? `Thanks: recorded as right (${label}).`
+        : `Thanks: recorded as ${label}.`;
+    } catch (err) {
+      $("feedback-status").textContent = "Not recorded.";
+      showError(err && err.message ? err.message : String(err));
+    } finally {
+      buttons.forEach((b) => { b.disabled = false; });
+    }
+  }
+
+  $("right").addEventListener("click", (ev) => {
+    if (lastPrediction) sendFeedback(lastPrediction.digit, ev.currentTarget);
+  });
+  document.querySelectorAll("#digits button").forEach((b) => {
+    b.addEventListener("click", () => sendFeedback(Number(b.dataset.label), b));
+  });
 
   async function predict() {
     if (busy) return;
@@ -261,6 +305,7 @@
     resetCanvas();
     clearError();
     answerEl.hidden = true;
+    lastPrediction = null;
     setStatus("Nothing predicted yet.");
   }
 

@@ -1,0 +1,158 @@
+"""The prediction log: every answer the service gave, with the digit exactly as the model saw it.
+
+Written by the service (`PredictionLog`: off the request path, a buffer that a background
+thread appends to this worker's own shards every `FLUSH_SECONDS`); read by the feedback
+endpoint (`find`), the feedback store and the monitor (`read_window`). The format is
+`mnist_mlops.shards`: a SIGKILL loses at most the last flush interval and never corrupts what
+was written before.
+
+Each record: `prediction_id`, `time` (UTC, ISO 8601), `model_version`, `endpoint`, `digit`,
+`confidence`, `probabilities` (10), and summary features of the input (`ink`, `bbox`,
+`centroid`, `mean`) that drift statistics read without touching the digits.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from mnist_mlops import shards
+
+PREFIX = "predictions"
+FLUSH_SECONDS = 0.5
+# The service's settings (`mnist-mlops serve` sets them from params.yaml; a bare Bento uses
+# the build arguments and ./logs/predictions).
+DIR_ENV = "MNIST_MLOPS_PREDICTION_LOG"
+ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"
+MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"
+logger = logging.getLogger("mnist_mlops.prediction_log")
+
+
+def new_ids(n: int) -> list[str]:
+    """Unique ids that sort by time: 12 hex digits of milliseconds, then 16 random."""
+    ms = f"{time.time_ns() // 1_000_000:012x}"
+    return [ms + secrets.token_hex(8) for _ in range(n)]
+
+
+def id_time(prediction_id: str) -> float | None:
+    """Seconds since the epoch at which an id was made (None: not one of ours)."""
+    try:
+        return int(prediction_id[:12], 16) / 1000 if len(prediction_id) == 28 else None
+    except ValueError:
+        return None
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """The model's float input in [0, 1] back to the 28×28 uint8 pixels it came from."""
+    return np.clip(np.rint(np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0), 0, 255).astype(np.uint8)
+
+
+def features(images: np.ndarray) -> list[dict]:
+    """Per digit: ink mass (share of pixels over half), bounding box, centre of mass, mean intensity."""
+    x = images.astype(np.float32) / 255.0
+    ink = x > 0.5
+    mass = x.sum(axis=(1, 2))
+    grid = np.arange(28, dtype=np.float32)
+    cy = (x.sum(axis=2) * grid).sum(axis=1) / np.maximum(mass, 1e-6)
+    cx = (x.sum(axis=1) * grid).sum(axis=1) / np.maximum(mass, 1e-6)
+    out = []
+    for i in range(len(x)):
+        rows, cols = np.flatnonzero(ink[i].any(axis=1)), np.flatnonzero(ink[i].any(axis=0))
+        bbox = [int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])] if len(rows) else [0, 0, -1, -1]
+        out.append({"ink": round(float(ink[i].mean()), 5), "bbox": bbox,
+                    "centroid": [round(float(cy[i]), 3), round(float(cx[i]), 3)],
+                    "mean": round(float(x[i].mean()), 5)})
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class PredictionLog:
+    """This worker's log writer: `record()` only appends to a list; a thread writes it out."""
+
+    def __init__(self, directory: Path, max_mb: float, flush_seconds: float = FLUSH_SECONDS) -> None:
+        max_bytes = int(max_mb * 1024 * 1024)
+        self.writer = shards.ShardWriter(directory, PREFIX, shard_bytes=max(64 * 1024, max_bytes // 8),
+                                         max_total_bytes=max_bytes)
+        self.flush_seconds = flush_seconds
+        self._pending: list[tuple[list[dict], tuple[np.ndarray, np.ndarray]]] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # the writer thread and `flush()` callers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def record(self, ids: list[str], endpoint: str, version: str, probs: np.ndarray, x: np.ndarray) -> None:
+        """Queue one record per prediction (cheap: the features are computed by the writer)."""
+        with self._lock:
+            self._pending.append(([{"prediction_id": i, "time": now_iso(), "model_version": version,
+                                    "endpoint": endpoint} for i in ids], (probs, x)))
+
+    def flush(self) -> None:
+        """Write what is queued (also called by /feedback, to find a prediction made just now)."""
+        with self._write_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            self._write(pending)
+
+    def _write(self, pending: list) -> None:
+        for meta, (probs, x) in pending:
+            try:
+                images = to_uint8(x)
+                for m, p, f in zip(meta, probs, features(images), strict=True):
+                    d = int(np.argmax(p))
+                    m.update(digit=d, confidence=round(float(p[d]), 6),
+                             probabilities=[round(float(v), 6) for v in p], **f)
+                self.writer.append(meta, images)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop predictions
+                logger.warning("prediction log: %d records not written: %s", len(meta), exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+
+def read_window(directory: Path, start: datetime | None = None, end: datetime | None = None) -> shards.Batch:
+    """Every logged prediction with start <= time < end (either bound optional), oldest shard first."""
+    def keep(record: dict) -> bool:
+        t = parse_time(record["time"])
+        return (start is None or t >= start) and (end is None or t < end)
+
+    return shards.read(directory, PREFIX, keep if start or end else None)
+
+
+def find(directory: Path, ids: set[str]) -> dict[str, tuple[dict, np.ndarray]]:
+    """The logged records (and digits) of these prediction ids; ids not found are absent.
+
+    Only shards whose raw records mention one of the ids are parsed (a bytes search first).
+    """
+    if not ids:
+        return {}
+    needles = [i.encode() for i in ids]
+    stems = []
+    for stem in shards.shard_stems(directory, PREFIX):
+        try:
+            text = stem.with_suffix(".jsonl").read_bytes()
+        except FileNotFoundError:
+            continue
+        if any(n in text for n in needles):
+            stems.append(stem)
+    batch = shards.read(directory, PREFIX, lambda r: r.get("prediction_id") in ids, stems)
+    return {r["prediction_id"]: (r, img) for r, img in zip(batch.records, batch.images, strict=True)}

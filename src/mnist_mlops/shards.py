@@ -1,0 +1,149 @@
+"""Append-only shards of 28×28 digits with one JSON record each: the on-disk format of the
+prediction log and of the feedback store.
+
+A shard is two files with one stem: `<stem>.u8` holds the digits as raw uint8, 784 bytes
+each, and `<stem>.jsonl` holds one JSON object per digit, whose `row` is that digit's index
+in the `.u8` file. Why this format and not Parquet or SQLite:
+
+- Appends are two `write` calls of a whole batch; nothing is rewritten, nothing re-encoded.
+- Crash safety comes from the order of writes: the digits are written (and fsynced) before
+  the records that point at them, and a reader only takes complete lines whose row is
+  within the `.u8` file. A SIGKILL mid-write leaves at most a torn last line, which is
+  ignored; everything written before stays readable.
+- Each writer (one per service worker) has shards of its own, named with its pid and start
+  time: no locks between processes, and rotation/retention delete whole files.
+- Reading a window back is one `json.loads` per line plus one `np.fromfile` per shard; DVC
+  and tools see a few large files, never one file per digit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DIGIT_BYTES = 28 * 28
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Records and their digits, in order (`images[i]` belongs to `records[i]`)."""
+
+    records: list[dict]
+    images: np.ndarray  # uint8 N×28×28
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+EMPTY = Batch([], np.zeros((0, 28, 28), np.uint8))
+
+
+class ShardWriter:
+    """Appends batches to this process's current shard in `directory`; rotates by size.
+
+    Not thread-safe: one writer thread per process calls `append`.
+    """
+
+    def __init__(self, directory: Path, prefix: str, shard_bytes: int, max_total_bytes: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.shard_bytes = shard_bytes
+        self.max_total_bytes = max_total_bytes
+        self._stem: Path | None = None
+        self._rows = 0
+
+    def _new_stem(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / f"{self.prefix}-{time.time_ns():020d}-{os.getpid()}"
+
+    def append(self, records: list[dict], images: np.ndarray) -> None:
+        """Write the digits, then the records that point at them (each file fsynced)."""
+        if not records:
+            return
+        images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(records), 28, 28)
+        if self._stem is None or self._rows * DIGIT_BYTES >= self.shard_bytes:
+            self._stem, self._rows = self._new_stem(), 0
+            self._enforce_retention()
+        lines = []
+        for i, record in enumerate(records):
+            lines.append(json.dumps({**record, "row": self._rows + i}, separators=(",", ":")))
+        _append(self._stem.with_suffix(".u8"), images.tobytes())
+        _append(self._stem.with_suffix(".jsonl"), ("\n".join(lines) + "\n").encode())
+        self._rows += len(records)
+
+    def _enforce_retention(self) -> None:
+        """Delete the oldest shards (of any writer) while the directory is over its limit."""
+        if self.max_total_bytes is None:
+            return
+        stems = shard_stems(self.directory, self.prefix)
+        sizes = {s: sum(f.stat().st_size for f in (s.with_suffix(".u8"), s.with_suffix(".jsonl")) if f.exists())
+                 for s in stems}
+        total = sum(sizes.values())
+        for stem in stems:
+            if total <= self.max_total_bytes or stem == self._stem:
+                break
+            for f in (stem.with_suffix(".jsonl"), stem.with_suffix(".u8")):
+                f.unlink(missing_ok=True)
+            total -= sizes[stem]
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def shard_stems(directory: Path, prefix: str) -> list[Path]:
+    """Every shard in `directory`, oldest first (the stem starts with its start time)."""
+    if not Path(directory).is_dir():
+        return []
+    return sorted({p.with_suffix("") for p in Path(directory).glob(f"{prefix}-*.jsonl")})
+
+
+def _complete_records(path: Path, rows: int) -> Iterator[dict]:
+    """The complete, parseable lines of a shard's records whose digit was fully written."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # removed by retention meanwhile
+        return
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("row"), int) and 0 <= record["row"] < rows:
+            yield record
+
+
+def read(directory: Path, prefix: str, keep=None, stems: Iterable[Path] | None = None) -> Batch:
+    """Every readable record (that `keep(record)` accepts) with its digit, oldest shard first."""
+    records: list[dict] = []
+    images: list[np.ndarray] = []
+    for stem in stems if stems is not None else shard_stems(directory, prefix):
+        try:
+            pixels = np.fromfile(stem.with_suffix(".u8"), dtype=np.uint8)
+        except FileNotFoundError:
+            continue
+        rows = len(pixels) // DIGIT_BYTES
+        digits = pixels[: rows * DIGIT_BYTES].reshape(rows, 28, 28)
+        chosen = [r for r in _complete_records(stem.with_suffix(".jsonl"), rows) if keep is None or keep(r)]
+        records.extend(chosen)
+        if chosen:
+            images.append(digits[[r["row"] for r in chosen]])
+    if not records:
+        return EMPTY
+    return Batch(records, np.concatenate(images))
+
+
+def total_bytes(directory: Path, prefix: str) -> int:
+    return sum(f.stat().st_size for s in shard_stems(directory, prefix)
+               for f in (s.with_suffix(".u8"), s.with_suffix(".jsonl")) if f.exists())

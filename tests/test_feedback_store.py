@@ -1,0 +1,180 @@
+"""The prediction log, the feedback store and data that grows with them (no servers: fast).
+
+The service's side of it (ids, /feedback over HTTP, a SIGKILLed service) is in
+tests/test_feedback.py; here the formats, the crash safety of a torn write, retention, the
+newest-label-wins rule, `feedback_min_new`, and the base test split that never moves.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_mlops import feedback, prediction_log, shards
+from mnist_mlops.config import Paths, validate
+from mnist_mlops.training.data import load_sample, read_data, write_data
+from mnist_mlops.training.fetch import fetch
+from mnist_mlops.training.prepare import FEEDBACK_SPLIT, load_split, prepare
+
+
+def digits(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def test_shards_survive_a_torn_write_and_rotate(tmp_path: Path) -> None:
+    writer = shards.ShardWriter(tmp_path, "t", shard_bytes=10 * 784)
+    imgs = digits(25)
+    for i in range(0, 25, 5):
+        writer.append([{"i": i + k} for k in range(5)], imgs[i:i + 5])
+    stems = shards.shard_stems(tmp_path, "t")
+    assert len(stems) == 3  # 10 digits per shard: 10 + 10 + 5
+    # A SIGKILL mid-append: half a digit and half a record at the end of the last shard.
+    with stems[-1].with_suffix(".u8").open("ab") as fh:
+        fh.write(b"\x07" * 300)
+    with stems[-1].with_suffix(".jsonl").open("ab") as fh:
+        fh.write(b'{"i": 99, "row": 5')
+    batch = shards.read(tmp_path, "t")
+    assert [r["i"] for r in batch.records] == list(range(25))
+    assert np.array_equal(batch.images, imgs)
+
+
+def test_a_record_whose_digit_was_not_written_is_skipped(tmp_path: Path) -> None:
+    writer = shards.ShardWriter(tmp_path, "t", shard_bytes=1 << 20)
+    writer.append([{"i": 0}], digits(1))
+    stem = shards.shard_stems(tmp_path, "t")[0]
+    with stem.with_suffix(".jsonl").open("ab") as fh:  # a line pointing past the end of the .u8 file
+        fh.write(b'{"i": 1, "row": 1}\n')
+    assert [r["i"] for r in shards.read(tmp_path, "t").records] == [0]
+
+
+def test_retention_deletes_the_oldest_shards(tmp_path: Path) -> None:
+    writer = shards.ShardWriter(tmp_path, "t", shard_bytes=4 * 784, max_total_bytes=10 * 1024)
+    for i in range(40):
+        writer.append([{"i": i}], digits(1, i))
+    assert shards.total_bytes(tmp_path, "t") <= 10 * 1024 + 4 * 900
+    kept = [r["i"] for r in shards.read(tmp_path, "t").records]
+    assert kept == list(range(40 - len(kept), 40)) and 8 <= len(kept) < 40  # the newest, in order
+
+
+def test_prediction_log_records_what_the_model_saw_and_reads_a_window(tmp_path: Path) -> None:
+    log = prediction_log.PredictionLog(tmp_path, max_mb=1, flush_seconds=0.05)
+    imgs = digits(3)
+    x = imgs[..., None].astype(np.float32) / 255
+    probs = np.eye(10, dtype=np.float32)[[1, 2, 3]]
+    ids = prediction_log.new_ids(3)
+    log.record(ids, "predict", "7", probs, x)
+    deadline = time.monotonic() + 5
+    while not prediction_log.read_window(tmp_path).records and time.monotonic() < deadline:
+        time.sleep(0.05)  # the writer thread, not the caller, writes
+    log.close()
+    batch = prediction_log.read_window(tmp_path)
+    assert [r["prediction_id"] for r in batch.records] == ids
+    assert np.array_equal(batch.images, imgs)
+    r = batch.records[0]
+    assert (r["digit"], r["confidence"], r["model_version"], r["endpoint"]) == (1, 1.0, "7", "predict")
+    assert len(r["probabilities"]) == 10 and {"ink", "bbox", "centroid", "mean"} <= set(r)
+    assert abs(r["mean"] - imgs[0].mean() / 255) < 1e-4
+    now = datetime.now(UTC)
+    assert len(prediction_log.read_window(tmp_path, now - timedelta(minutes=1), now + timedelta(seconds=1))) == 3
+    assert len(prediction_log.read_window(tmp_path, now + timedelta(seconds=1))) == 0
+    found = prediction_log.find(tmp_path, {ids[1], "0" * 28})
+    assert set(found) == {ids[1]} and np.array_equal(found[ids[1]][1], imgs[1])
+    assert abs(prediction_log.id_time(ids[0]) - time.time()) < 60
+
+
+def test_the_newest_label_of_a_digit_wins(tmp_path: Path) -> None:
+    store = feedback.FeedbackStore(tmp_path)
+    a, b = digits(2)
+    store.add([{"label": 3, "source": "feedback", "predicted": 3}], a[None])
+    store.add([{"label": 5, "source": "feedback", "predicted": 3}], b[None])
+    first = feedback.accepted(tmp_path).newest
+    time.sleep(0.01)
+    store.add([{"label": 8, "source": "feedback", "predicted": 3}], a[None])  # relabelled: last wins
+    ex = feedback.accepted(tmp_path)
+    assert len(ex) == 2 and sorted(ex.labels.tolist()) == [5, 8]
+    assert sorted(feedback.accepted(tmp_path, until=first).labels.tolist()) == [3, 5]
+    c = feedback.counts(tmp_path, since=first)
+    assert (c["total"], c["new"], c["disagreed"], c["per_label"][8]) == (2, 1, 2, 1)
+    assert feedback.export(tmp_path, tmp_path / "out.npz") == 2
+    with np.load(tmp_path / "out.npz") as z:
+        assert z["x"].shape == (2, 28, 28) and sorted(z["y"].tolist()) == [5, 8]
+
+
+def labelled(store_dir: Path, n: int, seed: int) -> None:
+    """n new labelled digits: sample digits shifted by a few pixels (not in the base data)."""
+    base = load_sample()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(base.labels), n, replace=False)
+    imgs = np.roll(base.images[idx], shift=int(rng.integers(2, 5)), axis=2)
+    feedback.FeedbackStore(store_dir).add(
+        [{"label": int(base.labels[i]), "source": "import"} for i in idx], imgs)
+
+
+def test_data_grows_with_enough_new_labels_and_the_base_test_split_stays(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    params = validate({"data": {"feedback_min_new": 20}})
+    assert fetch(params.data, paths).feedback == 0
+    assert not (paths.data / "feedback.json").exists()  # no feedback: data/ exactly as before
+    prepare(paths, params)
+    test_before = (paths.prepared / "test_x.npy").read_bytes()
+    before = len(load_split(paths.prepared, "train").y) + len(load_split(paths.prepared, "val").y)
+
+    labelled(paths.feedback, 10, seed=1)
+    r = fetch(params.data, paths)
+    assert (r.changed, r.feedback, r.kept) == (False, 0, 10)  # too few: kept for later
+
+    labelled(paths.feedback, 15, seed=2)
+    r = fetch(params.data, paths)
+    assert (r.changed, r.feedback, r.kept, r.count) == (True, 25, 0, 5025)
+    meta = read_data(paths.data)
+    assert len(meta.labels) == 5025
+    sizes = prepare(paths, params)
+    assert (paths.prepared / "test_x.npy").read_bytes() == test_before
+    assert sizes["train"] + sizes["val"] + sizes[FEEDBACK_SPLIT] == before + 25  # each feedback digit: one side
+    assert sizes[FEEDBACK_SPLIT] > 0 and sizes["test"] == 1000
+
+    labelled(paths.feedback, 5, seed=3)
+    assert fetch(params.data, paths).changed is False  # 5 new: below the minimum, data/ unchanged
+
+
+def test_import_folder_stores_the_good_and_lists_the_rest(tmp_path: Path) -> None:
+    from mnist_mlops.serving.labelled import import_folder
+
+    base = load_sample()
+    root = tmp_path / "digits"
+    for d in (3, 7):
+        (root / str(d)).mkdir(parents=True)
+        img = base.images[np.flatnonzero(base.labels == d)[0]]
+        for fmt, ext in (("PNG", "png"), ("JPEG", "jpg")):
+            buf = io.BytesIO()
+            Image.fromarray(255 - img).resize((140, 140)).save(buf, format=fmt)
+            (root / str(d) / f"a.{ext}").write_bytes(buf.getvalue())
+    (root / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "7" / "notes.txt").write_text("not an image")
+    result = import_folder(root, tmp_path / "store")
+    assert result.stored == 4 and result.per_label[3] == 2 and result.per_label[7] == 2
+    assert sorted(name for name, _ in result.skipped) == ["3/broken.png", "7/notes.txt"]
+    ex = feedback.accepted(tmp_path / "store")
+    assert sorted(ex.labels.tolist()) == [3, 3, 7, 7] and ex.images.max() == 255
+    assert {r["source"] for r in ex.records} == {"import"}
+
+
+def test_import_of_a_folder_without_digit_folders_is_one_line(tmp_path: Path) -> None:
+    from mnist_mlops.errors import UserError
+    from mnist_mlops.serving.labelled import import_folder
+
+    with pytest.raises(UserError, match="no digit folders"):
+        import_folder(tmp_path, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_write_data_without_feedback_is_byte_identical(tmp_path: Path) -> None:
+    """data/ without feedback holds the two .npy files only: the committed data.dvc stays valid."""
+    write_data(load_sample(), tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["images.npy", "labels.npy"]
