@@ -33,6 +33,7 @@ batch size, never `model.predict` (~50 ms a call). Build arguments (`bentoml bui
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -445,6 +446,10 @@ class MnistClassifier:
         METRICS["version"].set(float(self.active.version) if self.active.version.isdigit() else -1)
         self.log_dir, self.log = self._prediction_log()
         self.feedback = feedback.FeedbackStore(Path(os.environ.get(feedback.DIR_ENV) or "feedback").resolve())
+        # Everything loaded so far (TensorFlow, MLflow, the model) lives as long as the worker:
+        # keep it out of the cyclic GC's full passes, which would otherwise rescan it under load.
+        gc.collect()
+        gc.freeze()
         logger.info("serving %s v%s (run %s, %s) on %s, %s", MODEL_NAME, self.active.version, self.active.run_id,
                     self.active.source, self.device, self.mode)
 
