@@ -143,11 +143,9 @@ def test_data_grows_with_enough_new_labels_and_the_base_test_split_stays(tmp_pat
     assert fetch(params.data, paths).changed is False  # 5 new: below the minimum, data/ unchanged
 
 
-def test_import_folder_stores_the_good_and_lists_the_rest(tmp_path: Path) -> None:
-    from mnist_mlops.serving.labelled import import_folder
-
+def labelled_folder(root: Path) -> Path:
+    """DIR/3/ and DIR/7/ with a PNG and a JPEG each, a corrupt PNG and a text file."""
     base = load_sample()
-    root = tmp_path / "digits"
     for d in (3, 7):
         (root / str(d)).mkdir(parents=True)
         img = base.images[np.flatnonzero(base.labels == d)[0]]
@@ -157,12 +155,34 @@ def test_import_folder_stores_the_good_and_lists_the_rest(tmp_path: Path) -> Non
             (root / str(d) / f"a.{ext}").write_bytes(buf.getvalue())
     (root / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (root / "7" / "notes.txt").write_text("not an image")
-    result = import_folder(root, tmp_path / "store")
+    return root
+
+
+def test_import_folder_stores_the_good_and_lists_the_rest(tmp_path: Path) -> None:
+    from mnist_mlops.serving.labelled import import_folder
+
+    result = import_folder(labelled_folder(tmp_path / "digits"), tmp_path / "store")
     assert result.stored == 4 and result.per_label[3] == 2 and result.per_label[7] == 2
     assert sorted(name for name, _ in result.skipped) == ["3/broken.png", "7/notes.txt"]
     ex = feedback.accepted(tmp_path / "store")
     assert sorted(ex.labels.tolist()) == [3, 3, 7, 7] and ex.images.max() == 255
     assert {r["source"] for r in ex.records} == {"import"}
+
+
+def test_feedback_commands(project, tmp_path: Path) -> None:
+    """`mnist-mlops feedback import | (counts) | export`, as a user runs them."""
+    proc = project.cli("feedback", "import", str(labelled_folder(tmp_path / "digits")))
+    listed = proc.stderr  # the skipped files, one row each
+    assert "3/broken.png" in listed and "7/notes.txt" in listed and "not a PNG or JPEG" in listed, listed
+    assert "stored 4 skipped 2" in " ".join(proc.stdout.replace("│", " ").split()), proc.stdout
+    counts = " ".join(project.cli("feedback").stdout.replace("│", " ").split())
+    assert "labelled digits 4" in counts and "3:2" in counts and "7:2" in counts, counts
+    assert "new since the current data version 4 (data/ has 0)" in counts
+    project.cli("feedback", "export", str(tmp_path / "out.npz"))
+    with np.load(tmp_path / "out.npz") as z:
+        assert sorted(z["y"].tolist()) == [3, 3, 7, 7]
+    bad = project.cli("feedback", "export", str(tmp_path / "out.csv"), check=False)
+    assert bad.returncode == 2 and "name it FILE.npz" in bad.stderr
 
 
 def test_import_of_a_folder_without_digit_folders_is_one_line(tmp_path: Path) -> None:
