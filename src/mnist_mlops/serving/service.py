@@ -486,8 +486,15 @@ class MnistClassifier:
         return directory, prediction_log.PredictionLog(directory, max_mb)
 
     def _swap(self, new: LoadedModel) -> None:
-        """One reference: a request reads it once, so it meets the old model or the new one."""
+        """One reference: a request reads it once, so it meets the old model or the new one.
+
+        The old model was frozen out of the GC at startup (or at the last swap): unfreeze,
+        collect it, and freeze what is left, so a rollout does not leak the model it replaced.
+        """
         self.active = new
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     @bentoml.on_startup
     async def start_following(self) -> None:
