@@ -106,7 +106,8 @@ def test_predictions_agree_with_the_mlflow_champion(server: Server, champion, te
     assert (digits == expected.argmax(axis=1)).mean() == 1.0
     np.testing.assert_allclose(np.array([p["probabilities"] for p in served]), expected, atol=1e-5)
     first = served[0]
-    assert set(first) == {"digit", "confidence", "probabilities", "model_version"}
+    assert set(first) == {"prediction_id", "digit", "confidence", "probabilities", "model_version"}
+    assert len({p["prediction_id"] for p in served}) == len(served), "every prediction has its own id"
     assert first["model_version"] == str(version.version)
     assert first["confidence"] == pytest.approx(max(first["probabilities"]))
     assert len(first["probabilities"]) == 10 and sum(first["probabilities"]) == pytest.approx(1, abs=1e-4)
@@ -143,7 +144,8 @@ def test_predict_image_uses_the_mnist_conversion(server: Server, test_split) -> 
         resp = server.predict_image(data, f"digit.{fmt.lower()}")
         assert resp.status_code == 200, resp.text
         got = resp.json()
-        assert set(got) == {"digit", "confidence", "probabilities", "model_version"}
+        assert set(got) == {"prediction_id", "digit", "confidence", "probabilities", "model_version"}
+        assert resp.headers["x-prediction-id"] == got["prediction_id"]
         pixels = imaging.to_mnist(imaging.decode(data))
         direct = server.predict(pixels.tolist()).json()[0]
         assert got["digit"] == direct["digit"]
@@ -348,6 +350,7 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
     by_endpoint = {re.search(r"127\.0\.0\.1:3000/(\w+)", c).group(1): out
                    for c, out in outputs.items() if c.startswith("curl")}
     assert json.loads(by_endpoint["predict"])[0]["digit"] in range(10)
+    assert json.loads(by_endpoint["feedback"])["stored"] == 1
     assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
     assert json.loads(by_endpoint["model"])["model_version"] == "1"
     assert "bentoml_service_request_total" in by_endpoint["metrics"]
