@@ -56,19 +56,23 @@ def feedback_sides(images: np.ndarray, slice_fraction: float, val_fraction: floa
                     np.where(u < slice_fraction + (1 - slice_fraction) * val_fraction, "val", "train"))
 
 
+def split_indices(digits: Digits, base: int, params: PrepareParams) -> dict[str, np.ndarray]:
+    """Rows of each split: the base rows split as always, feedback rows by their pixel hash."""
+    splits = stratified_split(digits.labels[:base], params)
+    sides = feedback_sides(digits.images[base:], params.feedback_slice_fraction, params.val_fraction)
+    extra = {side: base + np.flatnonzero(sides == side) for side in ("train", "val", "slice")}
+    return {"train": np.concatenate([splits["train"], extra["train"]]),
+            "val": np.concatenate([splits["val"], extra["val"]]),
+            "test": splits["test"], FEEDBACK_SPLIT: extra["slice"]}
+
+
 def prepare(paths: Paths, params: Params) -> dict[str, int]:
     """data/ → artifacts/prepared/{split}_x.npy, {split}_y.npy; returns the split sizes."""
     digits, base = _raw(paths, params)
     x = normalize(digits.images)
     out = paths.prepared
     out.mkdir(parents=True, exist_ok=True)
-    splits = stratified_split(digits.labels[:base], params.prepare)
-    sides = feedback_sides(digits.images[base:], params.prepare.feedback_slice_fraction, params.prepare.val_fraction)
-    extra = {name: base + np.flatnonzero(sides == side) for name, side in
-             (("train", "train"), ("val", "val"), (FEEDBACK_SPLIT, "slice"))}
-    splits = {"train": np.concatenate([splits["train"], extra["train"]]),
-              "val": np.concatenate([splits["val"], extra["val"]]),
-              "test": splits["test"], FEEDBACK_SPLIT: extra[FEEDBACK_SPLIT]}
+    splits = split_indices(digits, base, params.prepare)
     sizes = {}
     for name, idx in splits.items():
         np.save(out / f"{name}_x.npy", x[idx], allow_pickle=False)
@@ -76,7 +80,7 @@ def prepare(paths: Paths, params: Params) -> dict[str, int]:
         sizes[name] = int(len(idx))
     meta = feedback_meta(paths.data) or {}
     info = {"digits": len(digits.labels) - base, "newest": meta.get("newest"),
-            **{f"in_{name}": int(len(idx)) for name, idx in extra.items()}}
+            **{f"in_{name}": int(np.sum(splits[name] >= base)) for name in ("train", "val", FEEDBACK_SPLIT)}}
     (out / FEEDBACK_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return sizes
 
@@ -95,28 +99,24 @@ def load_split(prepared: Path, name: str) -> Split:
         raise UserError(f"no prepared '{name}' split in {prepared}: run `dvc repro prepare`") from None
 
 
-def test_split(paths: Paths, params: Params) -> Split:
-    """The base test split the gate scores on: the prepared one, else rebuilt from data/.
-
-    The split is a pure function of data/ and the `prepare` params, so rebuilding it (a fresh
-    clone with data/ pulled but no artifacts/) gives exactly the digits `prepare` would.
-    """
-    if (paths.prepared / "test_x.npy").exists():
-        return load_split(paths.prepared, "test")
+def _rebuilt(paths: Paths, params: Params, name: str) -> Split:
+    """One split, prepared, else rebuilt from data/: the split is a pure function of data/ and
+    the `prepare` params, so a fresh clone without artifacts/ gets exactly what `prepare` would."""
+    if (paths.prepared / f"{name}_x.npy").exists():
+        return load_split(paths.prepared, name)
     digits, base = _raw(paths, params)
-    idx = stratified_split(digits.labels[:base], params.prepare)["test"]
+    idx = split_indices(digits, base, params.prepare)[name]
     return Split(normalize(digits.images[idx]), digits.labels[idx])
+
+
+def test_split(paths: Paths, params: Params) -> Split:
+    """The base test split the gate scores on (never holds feedback digits)."""
+    return _rebuilt(paths, params, "test")
 
 
 def feedback_slice(paths: Paths, params: Params) -> Split:
     """The held-out feedback digits the gate also scores on (empty without feedback)."""
-    if (paths.prepared / f"{FEEDBACK_SPLIT}_x.npy").exists():
-        return load_split(paths.prepared, FEEDBACK_SPLIT)
-    digits, base = _raw(paths, params)
-    sides = feedback_sides(digits.images[base:], params.prepare.feedback_slice_fraction, params.prepare.val_fraction)
-    idx = base + np.flatnonzero(sides == "slice")
-    return Split(normalize(digits.images[idx]) if len(idx) else np.zeros((0, 28, 28, 1), np.float32),
-                 digits.labels[idx])
+    return _rebuilt(paths, params, FEEDBACK_SPLIT)
 
 
 test_split.__test__ = False  # a library function, not a pytest test
