@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from mnist_mlops.config import write_params
@@ -22,8 +23,32 @@ AS_A_DEPLOYMENT = ("import sys; from pipelines.training import training_flow; "
 REFUSED = "another pipeline run holds .mnist-mlops.lock"
 
 
+def race_two_prefect_servers(project, monkeypatch) -> None:
+    """Two of our Prefect servers started at once on the project's fresh database both come
+    up: the one that loses the race to migrate it is started again.
+
+    This also leaves the database migrated, so the race in the test below is about the
+    pipeline lock alone: the flow called directly starts Prefect's own temporary server,
+    which has no such retry (a deployment's run talks to a running server instead).
+    """
+    from mnist_mlops.platform import prefect_server
+    from mnist_mlops.platform.processes import free_port
+
+    monkeypatch.setenv("PREFECT_HOME", project.env["PREFECT_HOME"])
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    servers = [prefect_server.launch(free_port(), one_run=True) for _ in range(2)]
+    try:
+        for server in servers:
+            prefect_server.wait_ready(server, timeout=240)
+            assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @pytest.mark.timeout(900)
-def test_two_runs_at_once_one_is_refused_cleanly(project):
+def test_two_runs_at_once_one_is_refused_cleanly(project, monkeypatch):
+    race_two_prefect_servers(project, monkeypatch)
     write_params(project.root, SMALL_MODEL)
     project.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # `python -c` skips the CLI's defaults
     popen = dict(cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

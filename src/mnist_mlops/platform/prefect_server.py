@@ -37,12 +37,15 @@ from mnist_mlops.platform.processes import (
 
 STARTUP_TIMEOUT_S = 300  # a busy 2-core machine took 35 s; Prefect's own default gives up at ~20 s
 DEFAULT_UI_PORT = 4200
+MIGRATION_RACE = "alembic"  # in the log of a server that lost a race to migrate a fresh database
+RELAUNCHES = 3
 
 
 @dataclass
 class PrefectServer(ServerProcess):
     started: float = field(default_factory=time.perf_counter)
     ready: bool = False
+    one_run: bool = False
 
     @property
     def api_url(self) -> str:
@@ -77,7 +80,21 @@ def launch(port: int, *, one_run: bool = False) -> PrefectServer:
         cmd += ["--no-scheduler", "--no-late-runs", "--no-ui"]
     log = home / f"mnist-mlops-server-{port}.log"
     proc = start_group(cmd, log, env)
-    return PrefectServer("prefect", proc, url, log)
+    return PrefectServer("prefect", proc, url, log, one_run=one_run)
+
+
+def _lost_migration_race(server: PrefectServer) -> bool:
+    """Two servers started at once on a fresh database both migrate it; one of them fails
+    (alembic: "expected to match one row ... 0 found") and exits. Started again, it finds
+    the database migrated."""
+    return not server.alive() and MIGRATION_RACE in server.log_tail(6000)
+
+
+def _relaunch(server: PrefectServer) -> None:
+    """Start `server` again on its port, in place (the caller holds this object)."""
+    time.sleep(2)  # let the winner finish migrating
+    again = launch(int(server.url.rsplit(":", 1)[1]), one_run=server.one_run)
+    server.proc, server.log = again.proc, again.log
 
 
 def wait_ready(server: PrefectServer, timeout: float = STARTUP_TIMEOUT_S) -> str:
@@ -86,7 +103,14 @@ def wait_ready(server: PrefectServer, timeout: float = STARTUP_TIMEOUT_S) -> str
         return server.api_url
     waited = time.perf_counter()
     try:
-        wait_http(f"{server.api_url}/health", server.proc, timeout, ok=lambda status: status == 200)
+        for attempt in range(RELAUNCHES + 1):
+            try:
+                wait_http(f"{server.api_url}/health", server.proc, timeout, ok=lambda status: status == 200)
+                break
+            except UserError:
+                if attempt == RELAUNCHES or not _lost_migration_race(server):
+                    raise
+                _relaunch(server)
     except (UserError, KeyboardInterrupt) as exc:
         tail = server.log_tail(1500)
         server.stop()
