@@ -1,4 +1,4 @@
-"""The training flow on a schedule: a deployment served from this process.
+"""The training flow on a schedule, and the monitor beside it: deployments served from this process.
 
 `mnist-mlops schedule` calls `run_schedule`: it finds or starts a real Prefect server (the
 flow's scheduler lives there) and serves the deployment until Ctrl-C or SIGTERM. The runner
@@ -44,23 +44,27 @@ def describe_schedule(cron: str | None, interval: float | None, timezone: str | 
 
 def serve_training(root: str, *, cron: str | None = None, interval: float | None = None,
                    timezone: str | None = None, name: str = DEFAULT_NAME, package_bento: bool = True,
-                   lock_wait_seconds: float = 600.0) -> None:
-    """Create/update the deployment `mnist-training/NAME` with its schedule and serve it until
-    interrupted; the schedule is paused on the way out."""
+                   lock_wait_seconds: float = 600.0, monitor_every: float | None = None) -> None:
+    """Create/update the deployment `mnist-training/NAME` with its schedule (and, every
+    `monitor_every` seconds, `mnist-monitor/NAME`, which runs the training deployment when it
+    finds a reason) and serve them until interrupted; the schedules are paused on the way out."""
+    from prefect import serve
     from prefect.schedules import Cron, Interval
 
+    from pipelines.monitoring import monitor_flow
     from pipelines.training import training_flow
 
     schedule = Cron(cron, timezone=timezone) if cron else Interval(interval, timezone=timezone)
-    training_flow.serve(
-        name=name,
-        schedules=[schedule],
-        parameters=deployment_parameters(root, package_bento, lock_wait_seconds),
-        tags=["mnist-mlops", "scheduled"],
-        limit=1,  # one run at a time from this runner; late runs start when it is free
-        pause_on_shutdown=True,
-        print_starting_message=False,
-    )
+    deployments = [training_flow.to_deployment(
+        name=name, schedules=[schedule], parameters=deployment_parameters(root, package_bento, lock_wait_seconds),
+        tags=["mnist-mlops", "scheduled"])]
+    if monitor_every:
+        deployments.append(monitor_flow.to_deployment(
+            name=name, interval=monitor_every, tags=["mnist-mlops", "monitor"],
+            parameters={"root": root, "training_deployment": f"{training_flow.name}/{name}"}))
+    serve(*deployments,
+          limit=1,  # one run at a time from this runner; late runs start when it is free
+          pause_on_shutdown=True, print_starting_message=False)
 
 
 def run_schedule(root: str, *, port: int, on_ready: Callable[[str, bool, str | None], None],

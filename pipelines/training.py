@@ -136,9 +136,9 @@ def package(root: str) -> dict:
     return result
 
 
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: dict, title: str = "MNIST training run") -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
-    return f"# MNIST training run\n\n| item | value |\n|---|---|\n{rows}\n"
+    return f"# {title}\n\n| item | value |\n|---|---|\n{rows}\n"
 
 
 def run_name() -> str:
@@ -153,10 +153,12 @@ def run_name() -> str:
 
 @flow(name="mnist-training", log_prints=True, flow_run_name=run_name)
 def training_flow(root: str = ".", package_bento: bool = True, lock_wait_seconds: float = 0,
-                  trigger: str = "manual") -> dict:
+                  trigger: str = "manual", reason: str = "") -> dict:
     """The whole pipeline, on the params in params.yaml (the CLI writes `--set` overrides there).
 
     `trigger` says what started the run (manual, schedule, monitor): it names the run.
+    `reason` says why (the monitor's reasons to retrain): it lands in the summary and, with
+    the trigger, in the tags of the MLflow run it trains.
 
     Holds the project's pipeline lock for the whole run, however the run was started (CLI,
     schedule, worker): a second run fails fast, or waits up to `lock_wait_seconds`.
@@ -167,7 +169,7 @@ def training_flow(root: str = ".", package_bento: bool = True, lock_wait_seconds
     root = str(Path(root).resolve())
     params = load_params(Path(root))
     with pipeline_lock(Paths(Path(root)).lock, wait_seconds=lock_wait_seconds):
-        return run_pipeline(root, params, package_bento)
+        return run_pipeline(root, params, package_bento, trigger, reason)
 
 
 def versioned_data(root: str, params: Params) -> dict:
@@ -203,10 +205,21 @@ def gate_rows(gate: dict) -> dict:
     }
 
 
-def run_pipeline(root: str, params: Params, package_bento: bool) -> dict:
+@task(name="tag-trigger")
+def tag_trigger(run_id: str, trigger: str, reason: str) -> None:
+    """Record on the trained run what started it and why."""
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(run_id, "trigger", trigger)
+    if reason:
+        mlflow.MlflowClient().set_tag(run_id, "trigger.reason", reason[:5000])
+
+
+def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = "manual",
+                 reason: str = "") -> dict:
     """The flow's body, run under the pipeline lock (call it only inside a flow)."""
     summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
-               **versioned_data(root, params)}
+               **({"started because": reason} if reason else {}), **versioned_data(root, params)}
     ran: dict[str, bool] = {}
     for name in ("prepare", "train", "evaluate"):
         if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
@@ -214,6 +227,8 @@ def run_pipeline(root: str, params: Params, package_bento: bool) -> dict:
         ran[name] = stage.with_options(name=name)(root, name)
     gate = promote(root, params.evaluate.min_accuracy)
     summary["trained"] = "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)"
+    if ran["train"]:
+        tag_trigger(gate["run_id"], trigger, reason)
     summary |= gate_rows(gate)
     if package_bento and gate["promoted"]:
         summary["bento"] = package(root)["bento"]

@@ -18,6 +18,7 @@ from PIL import Image
 
 from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import Paths, validate
+from mnist_mlops.digit_features import FEATURES
 from mnist_mlops.training.data import load_sample, read_data, write_data
 from mnist_mlops.training.fetch import fetch
 from mnist_mlops.training.prepare import FEEDBACK_SPLIT, load_split, prepare
@@ -78,8 +79,8 @@ def test_prediction_log_records_what_the_model_saw_and_reads_a_window(tmp_path: 
     assert np.array_equal(batch.images, imgs)
     r = batch.records[0]
     assert (r["digit"], r["confidence"], r["model_version"], r["endpoint"]) == (1, 1.0, "7", "predict")
-    assert len(r["probabilities"]) == 10 and {"ink", "bbox", "centroid", "mean"} <= set(r)
-    assert abs(r["mean"] - imgs[0].mean() / 255) < 1e-4
+    assert len(r["probabilities"]) == 10 and set(FEATURES) <= set(r)
+    assert abs(r["ink"] - (imgs[0] > 127).mean()) < 1e-3
     now = datetime.now(UTC)
     assert len(prediction_log.read_window(tmp_path, now - timedelta(minutes=1), now + timedelta(seconds=1))) == 3
     assert len(prediction_log.read_window(tmp_path, now + timedelta(seconds=1))) == 0

@@ -1,6 +1,7 @@
 """Serving follows the champion (a real `mnist-mlops serve`, a real registry): rollout and
 rollback under load without a failed request, broken versions refused, an unreachable store
-ridden out, and a scheduled run's new champion answered without a restart."""
+ridden out; the monitor reads what the service logged; and the whole loop (shifted traffic,
+corrections, the monitor retrains, the gate decides) answered without a restart."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import asyncio
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME, write_params
+from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME, Paths, load_params, write_params
+from mnist_mlops.digit_features import REFERENCE_ARTIFACT
+from mnist_mlops.monitoring.check import run_check
+from mnist_mlops.monitoring.reference import Reference
+from mnist_mlops.prediction_log import FLUSH_SECONDS, to_uint8
 
 from helpers import Project, Server, copy_project, serving
 
@@ -37,7 +43,8 @@ def two_versions(trained_project: Project, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def following(two_versions: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(two_versions, tmp_path_factory.mktemp("follow-serve")) as srv:
+    # the prediction log and labels go to the project's logs/ and feedback/: the monitor reads them
+    with serving(two_versions, tmp_path_factory.mktemp("follow-serve"), records_in_project=True) as srv:
         yield srv
 
 
@@ -201,35 +208,136 @@ def test_pinned_mode_watches_nothing(two_versions: Project, tmp_path: Path) -> N
         assert served_version(pinned) == "2"
 
 
-def test_a_scheduled_champion_is_answered_without_a_restart(two_versions: Project, following: Server,
-                                                            tmp_path: Path) -> None:
-    """The loop: `mnist-mlops schedule` and `mnist-mlops serve` side by side; a params change
-    makes the scheduled run train a better model, the gate promotes it, the service answers with it."""
+def held_out(project: Project) -> tuple[np.ndarray, np.ndarray]:
+    """The base test split (1,000 digits no model trained on) as the uint8 pixels a client sends,
+    in a random order (the split is stored sorted by class; traffic is not)."""
+    prepared = project.root / "artifacts" / "prepared"
+    images, labels = to_uint8(np.load(prepared / "test_x.npy")), np.load(prepared / "test_y.npy")
+    order = np.random.default_rng(0).permutation(len(labels))
+    return images[order], labels[order]
+
+
+def champion_reference(project: Project, tmp_path: Path) -> Reference:
+    client = project.mlflow_client()
+    version = client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
+    local = client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, str(tmp_path))
+    return Reference.from_npz(Path(local), str(version.version), version.run_id)
+
+
+def send(srv: Server, images: np.ndarray) -> list[dict]:
+    resp = srv.client.post("/predict", json={"images": images.tolist()})
+    assert resp.status_code == 200, resp.text
+    time.sleep(3 * FLUSH_SECONDS)  # the log's writer thread flushes every FLUSH_SECONDS
+    return resp.json()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_the_monitor_flags_shifted_traffic_and_never_held_out_digits(two_versions: Project, following: Server,
+                                                                     tmp_path: Path) -> None:
+    """Traffic through the real service, read back from its prediction log: five windows of
+    held-out digits raise no alarm; inverted digits do, naming the features that moved; the
+    CLI writes the report and logs the run to the `mnist-monitoring` experiment."""
+    set_champion(two_versions, "1")
+    wait_version(following, "1")
+    reference = champion_reference(two_versions, tmp_path)
+    paths, params = Paths(two_versions.root), load_params(two_versions.root)
+    images, _ = held_out(two_versions)
+    for window in np.array_split(images, 5):
+        start = now()
+        send(following, window)
+        result = run_check(paths, params, reference, start, now())
+        assert len(result.traffic.records) == len(window) and result.traffic.skipped == 0
+        assert result.verdict == "ok" and result.drifted == [], [c.as_dict() for c in result.checks]
+
+    start = now()
+    for half in np.array_split(255 - images, 2):  # inverted: white digits on black
+        send(following, half)
+    result = run_check(paths, params, reference, start, now())
+    assert result.verdict == "drift" and {"ink", "thickness"} <= set(result.drifted), result.drifted
+
+    out = two_versions.cli("monitor", "--since", "3m", "--no-retrain")
+    assert "drift" in out.stdout and "ink" in out.stdout and "not started (retrain off)" in out.stdout, out.stdout
+    client = two_versions.mlflow_client()
+    run = client.search_runs([client.get_experiment_by_name("mnist-monitoring").experiment_id],
+                             order_by=["attributes.start_time DESC"])[0]
+    assert run.data.tags["verdict"] == "drift" and run.data.metrics["drift"] == 1
+    assert run.data.metrics["predictions"] == 2 * len(images) and run.data.metrics["ks_ink"] >= 0.2
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "report")][0].endswith(".html")
+    page = max(paths.monitoring.glob("monitor-*.html")).read_text()
+    assert "MNIST monitoring: <span class=\"drift\">drift</span>" in page
+    assert page.count("<img") == 3  # classes, distributions, least confident (no labels: no accuracy plot)
+
+
+def test_the_loop_the_monitor_retrains_and_the_service_answers_without_a_restart(
+        two_versions: Project, following: Server, tmp_path: Path) -> None:
+    """The loop: `mnist-mlops serve` (following the champion) and `mnist-mlops schedule` (training
+    on a yearly cron, the monitor every few seconds) side by side. A client sends shifted digits
+    and corrects the answers; the monitor starts training for those reasons, the labels make a
+    new data version, the gate decides, and a promoted model is answered without a restart."""
     from mnist_mlops.platform.processes import free_port
+    from mnist_mlops.platform.versioning import dvc_md5
 
     set_champion(two_versions, "1")
     wait_version(following, "1")
-    write_params(two_versions.root, ["train.epochs=2"])  # 2 epochs beat the 1-epoch champion
+    write_params(two_versions.root, ["train.epochs=2", "monitor.window_hours=0.1", "data.feedback_min_new=20"])
+    data_before = dvc_md5(Paths(two_versions.root).data_dvc)
+    images, labels = held_out(two_versions)
+    shifted, truth = 255 - images[:200], labels[:200]
+    answers = send(following, shifted)
+    corrections = [{"prediction_id": a["prediction_id"], "label": int(y)} for a, y in zip(answers, truth, strict=True)]
+    assert following.client.post("/feedback", json=corrections).status_code == 200
+
     port = free_port()
-    schedule = serving_schedule(two_versions, port, tmp_path / "schedule.log")
+    api = f"http://127.0.0.1:{port}/api"
+    schedule = serving_schedule(two_versions, port, tmp_path / "schedule.log",
+                                ["--cron", "0 0 1 1 *", "--monitor-every", "10s"])
+    client = two_versions.mlflow_client()
+    training = client.get_experiment_by_name("mnist-convnet").experiment_id
     try:
-        client = two_versions.mlflow_client()
         deadline = time.monotonic() + 900
-        while (champion := str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)) == "1":
+        while not (training_runs := [r for r in flow_runs(api, "mnist-training", "COMPLETED")
+                                     if r["parameters"].get("trigger") == "monitor"]):
             assert time.monotonic() < deadline, schedule.log_tail()
             assert schedule.proc.poll() is None, schedule.log_tail()
-            time.sleep(2)
+            time.sleep(3)
+        monitor_runs = flow_runs(api, "mnist-monitor", "COMPLETED")
     finally:
         schedule.stop(60)
-    wait_version(following, str(champion), timeout=FOLLOW_SECONDS + 60)
-    answer = following.predict(DIGIT).json()[0]
-    assert answer["model_version"] == str(champion)
-    assert int(champion) > 2 and client.get_model_version(MODEL_NAME, champion).tags["gate.decision"] == "promoted"
+    runs = client.search_runs([training], "tags.trigger = 'monitor'")
+    reason = runs[0].data.tags["trigger.reason"]
+    assert "drift in " in reason and "ink" in reason and "new labels >= data.feedback_min_new" in reason, reason
+    assert monitor_runs and all(r["name"] == "monitor · last 0.1 h" for r in monitor_runs), monitor_runs
+    assert len(runs) == len(training_runs) == 1 and training_runs[0]["parameters"]["reason"] == reason, training_runs
+    assert not any(r["auto_scheduled"] for r in training_runs)  # started by the monitor, not the cron
+    assert dvc_md5(Paths(two_versions.root).data_dvc) != data_before  # the labels made a new data version
+    assert runs[0].data.tags["data.feedback_count"] == str(len(truth))
+    version = model_version_of(client, runs[0].info.run_id)
+    decision = version.tags["gate.decision"]
+    assert decision in ("promoted", "rejected"), version.tags
+    if decision == "promoted":
+        wait_version(following, str(version.version), timeout=FOLLOW_SECONDS + 60)
+        assert following.predict(DIGIT).json()[0]["model_version"] == str(version.version)
+    else:
+        assert served_version(following) == "1" and version.tags.get("gate.reason"), version.tags
 
 
-def serving_schedule(project: Project, port: int, log: Path) -> Server:
+def model_version_of(client, run_id: str):
+    return client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'")[0]
+
+
+def flow_runs(api: str, flow_name: str, state: str) -> list[dict]:
+    body = {"flows": {"name": {"any_": [flow_name]}}, "flow_runs": {"state": {"type": {"any_": [state]}}},
+            "sort": "START_TIME_DESC", "limit": 50}
+    resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def serving_schedule(project: Project, port: int, log: Path, when: list[str]) -> Server:
     from helpers import BIN, start_server
 
-    cmd = [str(BIN / "mnist-mlops"), "schedule", "--interval", "30", "--port", str(port), "--no-package",
-           "--lock-wait", "0"]
+    cmd = [str(BIN / "mnist-mlops"), "schedule", *when, "--port", str(port), "--no-package", "--lock-wait", "0"]
     return start_server(cmd, project.root, project.env, log, f"http://127.0.0.1:{port}/api/health", timeout=300)

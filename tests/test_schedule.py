@@ -48,7 +48,8 @@ def kill_all(marker: str) -> None:
 
 
 def flow_runs(api: str, deployment: str) -> list[dict]:
-    body = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50}
+    body = {"flows": {"name": {"any_": ["mnist-training"]}}, "deployments": {"name": {"any_": [deployment]}},
+            "sort": "EXPECTED_START_TIME_ASC", "limit": 50}
     resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
     resp.raise_for_status()
     return resp.json()
@@ -95,6 +96,12 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
         first = wait_for(lambda: next((r for r in flow_runs(api, "scheduled") if r["state_type"] == "RUNNING"), None),
                          240, proc, log, "a scheduled run to start")
         assert first["auto_scheduled"] and first["deployment_id"]
+        # the monitor is served beside it, hourly by default, and told which deployment to start
+        resp = httpx.get(f"{api}/deployments/name/mnist-monitor/scheduled", timeout=30)
+        resp.raise_for_status()
+        monitor = resp.json()
+        assert monitor["schedules"][0]["schedule"]["interval"] == 3600
+        assert monitor["parameters"]["training_deployment"] == "mnist-training/scheduled"
 
         # meanwhile: a manual run over the same project is refused cleanly (or waits its turn)
         manual = project.cli("run", "--no-package", check=False, timeout=600)
@@ -112,6 +119,9 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
         deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=project.root, env=pool_env,
                                   capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        resp = httpx.get(f"{api}/deployments/name/mnist-monitor/mnist-monitor-worker", timeout=30)
+        resp.raise_for_status()
+        assert resp.json()["parameters"]["training_deployment"] == "mnist-training/mnist-training-worker"
         resp = httpx.get(f"{api}/deployments/name/mnist-training/mnist-training-worker", timeout=30)
         resp.raise_for_status()
         worker_deployment = resp.json()

@@ -100,6 +100,35 @@ def run(
 
 
 @app.command()
+def monitor(
+    since: Annotated[str | None, typer.Option(
+        help="How much of the prediction log to check, e.g. 30m, 24h, 7d (default: monitor.window_hours).")] = None,
+    retrain: Annotated[bool | None, typer.Option(
+        "--retrain/--no-retrain",
+        help="Start the training flow when there is a reason (default: monitor.retrain).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="The prediction log (default: logs/predictions).")] = None,
+    feedback_dir: Annotated[Path | None, typer.Option(help="The labels (default: feedback/).")] = None,
+) -> None:
+    """Check the served traffic: drift against the champion's reference, live accuracy from the
+    labels, new labels; write reports/monitoring/, log to MLflow, retrain when there is a reason."""
+    from mnist_mlops.config import load_params, parse_duration
+
+    root = _root()
+    hours = parse_duration(since, "--since") / 3600 if since else None
+    load_params(root)  # fail on bad params before any work
+    from mnist_mlops.platform import prefect_server
+
+    server = prefect_server.start()
+    from pipelines.monitoring import monitor_flow
+
+    with prefect_server.api(server):
+        summary = monitor_flow(root=str(root), since_hours=hours, retrain=retrain,
+                               log_dir=str(log_dir.resolve()) if log_dir else None,
+                               feedback_dir=str(feedback_dir.resolve()) if feedback_dir else None)
+    print_summary("mnist-mlops monitor", summary)
+
+
+@app.command()
 def fetch(
     source: Annotated[str | None, typer.Option(help="sample | mnist | a path or URL to .npz/IDX.")] = None,
     set_: SetOption = None,
@@ -346,29 +375,34 @@ def schedule(
     port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
     lock_wait: Annotated[float, typer.Option(help="Seconds a scheduled run waits for another run to finish.")] = 600,
+    monitor_every: Annotated[str, typer.Option(
+        help="Also run the monitor flow this often (30m, 1h, ...; 'off': not at all); it starts "
+             "the training deployment when it finds a reason.")] = "1h",
 ) -> None:
-    """Run the training flow on a schedule on a Prefect server until Ctrl-C.
+    """Run the training flow on a schedule, and the monitor flow, on a Prefect server until Ctrl-C.
 
     Uses the server at PREFECT_API_URL, else starts `prefect server start` on 127.0.0.1.
     """
-    from mnist_mlops.config import load_params
+    from mnist_mlops.config import load_params, parse_duration
     from pipelines.schedule import describe_schedule, run_schedule
 
     when = describe_schedule(cron, interval, timezone)
+    every = None if monitor_every.strip().lower() == "off" else parse_duration(monitor_every, "--monitor-every")
     root = _root()
     load_params(root)  # fail on bad params now, not at 03:00
 
     def ready(api_url: str, started_here: bool, log: str | None) -> None:
         ui_url = api_url.removesuffix("/api")
         print_summary("mnist-mlops schedule", {
-            "deployment": f"mnist-training/{name}", "schedule": when, "project": str(root),
+            "deployment": f"mnist-training/{name}", "schedule": when,
+            "monitor": f"mnist-monitor/{name} every {every:g}s" if every else "off", "project": str(root),
             "Prefect server": f"{ui_url} ({'started here, log ' + str(log) if started_here else 'PREFECT_API_URL'})",
             "Prefect UI": f"{ui_url}/deployments",
             "manual runs on this server": f"export PREFECT_API_URL={api_url}",
             "stop": "Ctrl-C (pauses the schedule)"})
 
     run_schedule(str(root), port=port, on_ready=ready, cron=cron, interval=interval, timezone=timezone,
-                 name=name, package_bento=package, lock_wait_seconds=lock_wait)
+                 name=name, package_bento=package, lock_wait_seconds=lock_wait, monitor_every=every)
     err_console.print("schedule stopped (paused on the server); a local Prefect server started here is shut down")
 
 

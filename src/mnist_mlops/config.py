@@ -7,6 +7,7 @@ bad value stops the run before any work with one line naming the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,18 @@ class ServeParams(_Section):
     max_feedback_items: int = Field(1000, ge=1, le=100_000)
 
 
+class MonitorParams(_Section):
+    """The monitor flow: when the traffic has moved enough, or the labels say so, to retrain."""
+
+    window_hours: float = Field(24.0, gt=0, le=24 * 366)
+    drift_threshold: float = Field(0.2, gt=0, le=10)
+    p_value: float = Field(0.01, gt=0, lt=1)
+    min_predictions: int = Field(100, ge=1)
+    min_labels: int = Field(20, ge=1)
+    low_confidence: float = Field(0.6, gt=0, lt=1)
+    retrain: bool = True
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
@@ -106,6 +119,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
+    monitor: MonitorParams = MonitorParams()
 
     def flat(self) -> dict[str, object]:
         """`section.key -> value`, the form MLflow params and --set use."""
@@ -206,6 +220,17 @@ def write_params(root: Path, overrides: list[str] | None) -> list[str]:
     return changed
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """`90s`, `30m`, `24h`, `7d` or plain seconds -> seconds (one-line error otherwise)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise UserError(f"{option}: expected a duration like 90s, 30m, 24h or 7d (got {text!r})")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
 class Paths:
     """Where each step reads and writes, relative to the project root."""
 
@@ -227,6 +252,7 @@ class Paths:
         self.lock = self.root / ".mnist-mlops.lock"
         self.feedback = self.root / "feedback"  # the labelled digits (mnist_mlops.feedback)
         self.prediction_log = self.root / "logs" / "predictions"  # what the service answered
+        self.monitoring = self.reports / "monitoring"  # the monitor's HTML reports
         self.cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
 
 

@@ -7,8 +7,8 @@ endpoint (`find`), the feedback store and the monitor (`read_window`). The forma
 was written before.
 
 Each record: `prediction_id`, `time` (UTC, ISO 8601), `model_version`, `endpoint`, `digit`,
-`confidence`, `probabilities` (10), and summary features of the input (`ink`, `bbox`,
-`centroid`, `mean`) that drift statistics read without touching the digits.
+`confidence`, `probabilities` (10), and the input's summary features
+(`mnist_mlops.digit_features`: ink, height, width, centre_y, centre_x, thickness).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops import shards
+from mnist_mlops.digit_features import feature_records
 
 PREFIX = "predictions"
 FLUSH_SECONDS = 0.5
@@ -51,24 +52,6 @@ def id_time(prediction_id: str) -> float | None:
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """The model's float input in [0, 1] back to the 28×28 uint8 pixels it came from."""
     return np.clip(np.rint(np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0), 0, 255).astype(np.uint8)
-
-
-def features(images: np.ndarray) -> list[dict]:
-    """Per digit: ink mass (share of pixels over half), bounding box, centre of mass, mean intensity."""
-    x = images.astype(np.float32) / 255.0
-    ink = x > 0.5
-    mass = x.sum(axis=(1, 2))
-    grid = np.arange(28, dtype=np.float32)
-    cy = (x.sum(axis=2) * grid).sum(axis=1) / np.maximum(mass, 1e-6)
-    cx = (x.sum(axis=1) * grid).sum(axis=1) / np.maximum(mass, 1e-6)
-    out = []
-    for i in range(len(x)):
-        rows, cols = np.flatnonzero(ink[i].any(axis=1)), np.flatnonzero(ink[i].any(axis=0))
-        bbox = [int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])] if len(rows) else [0, 0, -1, -1]
-        out.append({"ink": round(float(ink[i].mean()), 5), "bbox": bbox,
-                    "centroid": [round(float(cy[i]), 3), round(float(cx[i]), 3)],
-                    "mean": round(float(x[i].mean()), 5)})
-    return out
 
 
 def now_iso() -> str:
@@ -111,7 +94,7 @@ class PredictionLog:
         for meta, (probs, x) in pending:
             try:
                 images = to_uint8(x)
-                for m, p, f in zip(meta, probs, features(images), strict=True):
+                for m, p, f in zip(meta, probs, feature_records(images), strict=True):
                     d = int(np.argmax(p))
                     m.update(digit=d, confidence=round(float(p[d]), 6),
                              probabilities=[round(float(v), 6) for v in p], **f)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class Batch:
 
     records: list[dict]
     images: np.ndarray  # uint8 N×28×28
+    skipped: int = 0  # lines that were torn, not JSON, or pointed past the digits written
 
     def __len__(self) -> int:
         return len(self.records)
@@ -109,25 +110,32 @@ def shard_stems(directory: Path, prefix: str) -> list[Path]:
     return sorted({p.with_suffix("") for p in Path(directory).glob(f"{prefix}-*.jsonl")})
 
 
-def _complete_records(path: Path, rows: int) -> Iterator[dict]:
-    """The complete, parseable lines of a shard's records whose digit was fully written."""
+def _complete_records(path: Path, rows: int) -> tuple[list[dict], int]:
+    """The complete, parseable lines of a shard's records whose digit was fully written, and
+    how many other lines there were (a torn last line counts once it is followed by others)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:  # removed by retention meanwhile
-        return
-    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
+        return [], 0
+    good, bad = [], 0
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is being written
         try:
             record = json.loads(line)
         except ValueError:
+            bad += bool(line.strip())
             continue
         if isinstance(record, dict) and isinstance(record.get("row"), int) and 0 <= record["row"] < rows:
-            yield record
+            good.append(record)
+        else:
+            bad += 1
+    return good, bad
 
 
 def read(directory: Path, prefix: str, keep=None, stems: Iterable[Path] | None = None) -> Batch:
     """Every readable record (that `keep(record)` accepts) with its digit, oldest shard first."""
     records: list[dict] = []
     images: list[np.ndarray] = []
+    skipped = 0
     for stem in stems if stems is not None else shard_stems(directory, prefix):
         try:
             pixels = np.fromfile(stem.with_suffix(".u8"), dtype=np.uint8)
@@ -135,13 +143,15 @@ def read(directory: Path, prefix: str, keep=None, stems: Iterable[Path] | None =
             continue
         rows = len(pixels) // DIGIT_BYTES
         digits = pixels[: rows * DIGIT_BYTES].reshape(rows, 28, 28)
-        chosen = [r for r in _complete_records(stem.with_suffix(".jsonl"), rows) if keep is None or keep(r)]
+        complete, bad = _complete_records(stem.with_suffix(".jsonl"), rows)
+        skipped += bad
+        chosen = [r for r in complete if keep is None or keep(r)]
         records.extend(chosen)
         if chosen:
             images.append(digits[[r["row"] for r in chosen]])
     if not records:
-        return EMPTY
-    return Batch(records, np.concatenate(images))
+        return Batch([], EMPTY.images, skipped)
+    return Batch(records, np.concatenate(images), skipped)
 
 
 def total_bytes(directory: Path, prefix: str) -> int:

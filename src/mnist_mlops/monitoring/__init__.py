@@ -1,1 +1,8 @@
-"""Monitoring: drift statistics and live accuracy on what the service sees (next: the monitor flow)."""
+"""Monitoring: is the service still seeing digits like those it was trained on, how accurate is
+it on the labels people gave, and is it time to retrain?
+
+`reference` (what the champion was trained and tested on), `drift` (statistical tests of a
+window of the prediction log against it), `accuracy` (live accuracy from the labels),
+`check` (the decision), `report` (the HTML page). No TensorFlow: the monitor reads logs and
+the reference logged with each model, so a check over 100,000 predictions takes seconds.
+"""

@@ -51,15 +51,16 @@ def quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def setup_mlflow(root: Path) -> str:
-    """Point MLflow at the project's store (or $MLFLOW_TRACKING_URI) and its experiment."""
+def setup_mlflow(root: Path, experiment_name: str = EXPERIMENT) -> str:
+    """Point MLflow at the project's store (or $MLFLOW_TRACKING_URI) and an experiment
+    (the training runs' by default; the monitor has its own)."""
     import mlflow
 
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        experiment = mlflow.set_experiment(EXPERIMENT)
+        experiment = mlflow.set_experiment(experiment_name)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise UserError(f"MLflow tracking server {uri} unreachable ({reason(exc)}): start it or "
                         "fix MLFLOW_TRACKING_URI") from None

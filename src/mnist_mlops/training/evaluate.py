@@ -7,12 +7,14 @@ import csv
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from mnist_mlops.config import MODEL_NAME, Params, Paths
+from mnist_mlops.digit_features import REFERENCE_DIGITS, REFERENCE_FILE, feature_arrays
 from mnist_mlops.registry import MODEL_DESCRIPTION, describe_version
 from mnist_mlops.scoring import load_keras, probabilities, score
 from mnist_mlops.training.prepare import FEEDBACK_INFO, FEEDBACK_SPLIT, load_split
@@ -113,6 +115,21 @@ def log_and_register(model, x_example: np.ndarray, probs: np.ndarray, tags: dict
     return version
 
 
+def monitoring_reference(paths: Paths, test_probs: np.ndarray, out: Path) -> Path:
+    """What the monitor compares live traffic with, logged beside the model it describes:
+    the training labels' counts, the features of (up to `REFERENCE_DIGITS` of) the training
+    digits, and this model's answers on the base test split (class counts, confidences). A
+    few hundred kB; the monitor then needs neither TensorFlow nor the training data."""
+    train = load_split(paths.prepared, "train")
+    pick = np.random.default_rng(0).permutation(len(train.y))[:REFERENCE_DIGITS]
+    feats = feature_arrays(train.x[pick])
+    np.savez_compressed(out, labels=np.bincount(train.y.astype(int), minlength=10),
+                        predicted=np.bincount(test_probs.argmax(axis=1), minlength=10),
+                        confidence=test_probs.max(axis=1).astype(np.float32),
+                        **{f"feature_{k}": v.astype(np.float32) for k, v in feats.items()})
+    return out
+
+
 def evaluate(params: Params, paths: Paths) -> dict:
     """The `evaluate` stage: metrics + plots for DVC, the same logged to the training run."""
     import mlflow
@@ -141,6 +158,8 @@ def evaluate(params: Params, paths: Paths) -> dict:
         for fig in figures:
             mlflow.log_artifact(str(fig), "figures")
         mlflow.log_artifact(str(paths.confusion), "reports")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(monitoring_reference(paths, probs, Path(tmp) / REFERENCE_FILE)), "monitoring")
         tags = {"test_accuracy": f"{result.accuracy:.6f}", "finite_outputs": str(result.finite).lower(),
                 "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
                 **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
