@@ -304,12 +304,16 @@ def test_the_loop_the_monitor_retrains_and_the_service_answers_without_a_restart
             assert schedule.proc.poll() is None, schedule.log_tail()
             time.sleep(3)
         monitor_runs = flow_runs(api, "mnist-monitor", "COMPLETED")
+        summaries = httpx.post(f"{api}/artifacts/filter", timeout=30,
+                               json={"artifacts": {"key": {"any_": ["monitoring-summary"]}}}).json()
     finally:
         schedule.stop(60)
     runs = client.search_runs([training], "tags.trigger = 'monitor'")
     reason = runs[0].data.tags["trigger.reason"]
     assert "drift in " in reason and "ink" in reason and "new labels >= data.feedback_min_new" in reason, reason
     assert monitor_runs and all(r["name"] == "monitor · last 0.1 h" for r in monitor_runs), monitor_runs
+    assert any("| verdict | drift |" in a["data"] and "| training | started mnist-training/scheduled" in a["data"]
+               for a in summaries), [a["data"] for a in summaries]
     assert len(runs) == len(training_runs) == 1 and training_runs[0]["parameters"]["reason"] == reason, training_runs
     assert not any(r["auto_scheduled"] for r in training_runs)  # started by the monitor, not the cron
     assert dvc_md5(Paths(two_versions.root).data_dvc) != data_before  # the labels made a new data version

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_mlops import prediction_log, shards
+from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import Params, Paths, parse_duration, validate
 from mnist_mlops.digit_features import FEATURES, feature_arrays
 from mnist_mlops.errors import UserError
@@ -111,10 +111,13 @@ def test_live_accuracy_with_a_wilson_interval() -> None:
 
 
 def log_records(directory: Path, images: np.ndarray, digits: np.ndarray, when: datetime) -> None:
+    """Records as the service logs them; confidences drawn like the reference's."""
     writer = shards.ShardWriter(directory, prediction_log.PREFIX, shard_bytes=1 << 20)
     stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    confidence = np.random.default_rng(4).beta(20, 1, len(digits))
     writer.append([{"prediction_id": f"id{i}", "time": stamp, "model_version": "1", "endpoint": "predict",
-                    "digit": int(d), "confidence": 0.99} for i, d in enumerate(digits)], images)
+                    "digit": int(d), "confidence": float(c)}
+                   for i, (d, c) in enumerate(zip(digits, confidence, strict=True))], images)
 
 
 def test_corrupt_records_are_counted_never_a_crash(tmp_path: Path, sample) -> None:
@@ -149,7 +152,8 @@ def test_a_window_of_traffic_gives_a_report_and_reasons(tmp_path: Path, sample, 
     assert result.verdict == "drift" and "ink" in result.drifted and result.volume == {"1": 300}
     assert result.reasons and result.reasons[0].startswith("drift in ") and "ink (KS D" in result.reasons[0]
     page = report.write(result, reference, paths.monitoring).read_text()
-    assert page.count("<img") >= 3 and "DRIFT" not in page[:200] and "drift" in page[:400]
+    assert page.count("<img") == 3 and "MNIST monitoring: <span class=\"drift\">drift</span>" in page
+    assert "No labels in this window" in page and "model version</th>" not in page
 
 
 def test_durations_and_monitor_params() -> None:
@@ -172,3 +176,22 @@ def test_the_command_refuses_bad_input_in_one_line(project) -> None:
     assert no_champion.returncode == 2, no_champion.stderr[-3000:]
     assert "no champion yet: run `mnist-mlops run`" in no_champion.stderr and "Traceback" not in no_champion.stderr
     assert not (project.root / "reports" / "monitoring").exists()
+
+
+def test_labels_give_live_accuracy_and_reasons(tmp_path: Path, sample, reference) -> None:
+    paths = Paths(tmp_path)
+    end = datetime.now(UTC)
+    images, labels = sample[0][4000:4150], sample[1][4000:4150]
+    log_records(paths.prediction_log, images, labels, end - timedelta(minutes=5))
+    predicted = [int(y) if i < 20 else (int(y) + 1) % 10 for i, y in enumerate(labels[:30])]  # 20 right, 10 wrong
+    feedback.FeedbackStore(paths.feedback).add(
+        [{"label": int(y), "source": "feedback", "predicted": p, "model_version": "1", "prediction_id": f"id{i}"}
+         for i, (y, p) in enumerate(zip(labels[:30], predicted, strict=True))], images[:30])
+    result = run_check(paths, PARAMS, reference, end - timedelta(hours=1), end + timedelta(minutes=1))
+    live = result.accuracy["all"]
+    assert (live.n, live.correct) == (30, 20) and result.accuracy["1"].n == 30 and result.new_labels == 30
+    assert result.verdict == "ok"
+    assert result.reasons == ["live accuracy 0.667 on 30 labels < evaluate.min_accuracy 0.95",
+                              "30 new labels >= data.feedback_min_new 20"]
+    page = report.render(result, reference)
+    assert page.count("<img") == 4 and "<td>1</td><td>30</td><td>0.667</td>" in page

@@ -121,6 +121,17 @@ def _checks_table(result: Result) -> str:
     return f"<h2>Drift checks</h2><table>{head}{body}</table>"
 
 
+def _accuracy_table(result: Result) -> str:
+    """Live accuracy per model version (the labels' `model_version`), with 95% intervals."""
+    rows = [(v, a) for v, a in result.accuracy.items() if a.n]
+    if not rows:
+        return ""
+    head = "<tr><th>model version</th><th>labels</th><th>accuracy</th><th>95% interval</th></tr>"
+    body = "".join(f"<tr><td>{html.escape(v)}</td><td>{a.n}</td><td>{a.value:.3f}</td>"
+                   f"<td>{a.low:.3f} to {a.high:.3f}</td></tr>" for v, a in rows)
+    return f"<table>{head}{body}</table>"
+
+
 def render(result: Result, reference: Reference) -> str:
     """The whole page; a window without traffic says so instead of plotting nothing."""
     verdict = html.escape(result.verdict)
@@ -135,7 +146,7 @@ def render(result: Result, reference: Reference) -> str:
         if result.low_confidence:
             w, r = result.low_confidence
             parts.append(f"<p>Low-confidence answers: {w:.1%} of the window, {r:.1%} on the test split.</p>")
-    parts += ["<h2>Live accuracy</h2>", accuracy_plot(result)]
+    parts += ["<h2>Live accuracy</h2>", _accuracy_table(result), accuracy_plot(result)]
     if result.traffic.records:
         parts += ["<h2>Least confident answers (answer, confidence)</h2>", lowest_plot(result)]
     parts.append("</body></html>")
