@@ -28,21 +28,26 @@ _GRID = np.arange(28, dtype=np.float32)
 
 
 def feature_arrays(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per digit (uint8 N×28×28, or floats in [0, 1]): the `FEATURES`, as float32 arrays of N."""
+    """Per digit (uint8 N×28×28, or floats in [0, 1]): the `FEATURES`, as float32 arrays of N.
+
+    Works on the pixels as given (no float copy of the batch: 100,000 digits are 78 MB as
+    uint8, 313 MB as float32); ink is over half intensity either way.
+    """
     x = np.asarray(images).reshape(-1, 28, 28)
-    x = x.astype(np.float32) / 255.0 if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
-    ink = x > 0.5
+    ink = x > (127 if np.issubdtype(x.dtype, np.integer) else 0.5)
     rows, cols = ink.any(axis=2), ink.any(axis=1)
-    mass = np.maximum(x.sum(axis=(1, 2)), 1e-6)
+    row_mass, col_mass = x.sum(axis=2, dtype=np.float32), x.sum(axis=1, dtype=np.float32)
+    mass = np.maximum(row_mass.sum(axis=1), 1e-6)
     # a run starts where a pixel is ink and its left neighbour is not
     starts = ink[:, :, 0].sum(axis=1) + (ink[:, :, 1:] & ~ink[:, :, :-1]).sum(axis=(1, 2))
+    ink_pixels = ink.sum(axis=(1, 2), dtype=np.float32)
     return {
-        "ink": ink.mean(axis=(1, 2)),
+        "ink": ink_pixels / 784,
         "height": _extent(rows),
         "width": _extent(cols),
-        "centre_y": (x.sum(axis=2) * _GRID).sum(axis=1) / mass,
-        "centre_x": (x.sum(axis=1) * _GRID).sum(axis=1) / mass,
-        "thickness": ink.sum(axis=(1, 2)) / np.maximum(starts, 1),
+        "centre_y": row_mass @ _GRID / mass,
+        "centre_x": col_mass @ _GRID / mass,
+        "thickness": ink_pixels / np.maximum(starts, 1),
     }
 
 

@@ -27,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # 3x faster on a 100,000-line window; installed with Prefect, absent from the Bento
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - the service container
+    _loads = json.loads
+
 DIGIT_BYTES = 28 * 28
 
 
@@ -120,8 +125,8 @@ def _complete_records(path: Path, rows: int) -> tuple[list[dict], int]:
     good, bad = [], 0
     for line in data.split(b"\n")[:-1]:  # the part after the last newline is being written
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = _loads(line)
+        except ValueError:  # orjson's JSONDecodeError is a ValueError too
             bad += bool(line.strip())
             continue
         if isinstance(record, dict) and isinstance(record.get("row"), int) and 0 <= record["row"] < rows:

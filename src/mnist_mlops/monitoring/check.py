@@ -85,6 +85,7 @@ class Result:
     champion: str
     traffic: Traffic
     checks: list[drift.Check] = field(default_factory=list)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # of the window's digits, once judged
     low_confidence: tuple[float, float] | None = None  # share in the window, share in the reference
     accuracy: dict[str, Accuracy] = field(default_factory=dict)
     new_labels: int = 0
@@ -151,8 +152,8 @@ def run_check(paths: Paths, params: Params, reference: Reference, start: datetim
     elif n < m.min_predictions:
         result.verdict = f"{TOO_FEW} ({n} < monitor.min_predictions {m.min_predictions})"
     else:
-        feats = feature_arrays(traffic.images)
-        result.checks = drift.checks(reference, traffic.predicted, traffic.confidence, feats,
+        result.features = feature_arrays(traffic.images)
+        result.checks = drift.checks(reference, traffic.predicted, traffic.confidence, result.features,
                                      m.drift_threshold, m.p_value)
         result.verdict = "drift" if result.drifted else "ok"
     if n:
