@@ -264,7 +264,8 @@ def test_the_monitor_flags_shifted_traffic_and_never_held_out_digits(two_version
     run = client.search_runs([client.get_experiment_by_name("mnist-monitoring").experiment_id],
                              order_by=["attributes.start_time DESC"])[0]
     assert run.data.tags["verdict"] == "drift" and run.data.metrics["drift"] == 1
-    assert run.data.metrics["predictions"] == 2 * len(images) and run.data.metrics["ks_ink"] >= 0.2
+    # the last 3 minutes: these 2,000 digits, and whatever the module's earlier tests sent
+    assert run.data.metrics["predictions"] >= 2 * len(images) and run.data.metrics["ks_ink"] >= 0.2
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")][0].endswith(".html")
     page = max(paths.monitoring.glob("monitor-*.html")).read_text()
     assert "MNIST monitoring: <span class=\"drift\">drift</span>" in page
@@ -311,7 +312,8 @@ def test_the_loop_the_monitor_retrains_and_the_service_answers_without_a_restart
     runs = client.search_runs([training], "tags.trigger = 'monitor'")
     reason = runs[0].data.tags["trigger.reason"]
     assert "drift in " in reason and "ink" in reason and "new labels >= data.feedback_min_new" in reason, reason
-    assert monitor_runs and all(r["name"] == "monitor · last 0.1 h" for r in monitor_runs), monitor_runs
+    scheduled = [r for r in monitor_runs if r["deployment_id"]]  # not the CLI's run of the test before
+    assert scheduled and all(r["name"] == "monitor · last 0.1 h" for r in scheduled), monitor_runs
     assert any("| verdict | drift |" in a["data"] and "| training | started mnist-training/scheduled" in a["data"]
                for a in summaries), [a["data"] for a in summaries]
     assert len(runs) == len(training_runs) == 1 and training_runs[0]["parameters"]["reason"] == reason, training_runs
