@@ -64,18 +64,17 @@ def read_traffic(log_dir: Path, start: datetime, end: datetime) -> Traffic:
     return Traffic([batch.records[i] for i in ok], batch.images[ok], batch.skipped + unreadable + len(batch) - len(ok))
 
 
-def labels_in(feedback_dir: Path, start: datetime, end: datetime) -> list[dict]:
+def labels_in(examples: feedback.Examples, start: datetime, end: datetime) -> list[dict]:
     """The labels people gave in the window (one per digit, its newest label)."""
-    examples = feedback.accepted(feedback_dir)
     return [r for r in examples.records if start <= prediction_log.parse_time(r["time"]) < end]
 
 
-def new_labels(paths: Paths) -> int:
+def new_labels(paths: Paths, examples: feedback.Examples) -> int:
     """Labels accepted since the data version in data/ was made (its data/feedback.json, which
     the training flow's fetch step writes), i.e. what a training run would add now."""
     meta = paths.data / "feedback.json"
     newest = json.loads(meta.read_text()).get("newest") if meta.exists() else None
-    return feedback.newer_than(feedback.accepted(paths.feedback), newest)
+    return feedback.newer_than(examples, newest)
 
 
 @dataclass
@@ -144,8 +143,9 @@ def run_check(paths: Paths, params: Params, reference: Reference, start: datetim
     m = params.monitor
     traffic = read_traffic(log_dir or paths.prediction_log, start, end)
     result = Result(start, end, reference.version, traffic)
-    result.accuracy = by_version(labels_in(feedback_dir or paths.feedback, start, end))
-    result.new_labels = new_labels(paths) if params.data.feedback else 0
+    labels = feedback.accepted(feedback_dir or paths.feedback)  # read once: live accuracy and new labels
+    result.accuracy = by_version(labels_in(labels, start, end))
+    result.new_labels = new_labels(paths, labels) if params.data.feedback else 0
     n = len(traffic.records)
     if n == 0:
         result.verdict = NO_TRAFFIC
