@@ -164,9 +164,9 @@ def main() -> None:
 
     from mnist_mlops.config import project_root, tracking_uri
     from mnist_mlops.errors import UserError
+    from mnist_mlops.imaging import image_to_input
     from mnist_mlops.preprocess import normalize
     from mnist_mlops.scoring import load_keras, probabilities
-    from mnist_mlops.serving.imaging import image_to_input
     from mnist_mlops.serving.package import KERAS_FILE, package_champion
 
     root = project_root()

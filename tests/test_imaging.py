@@ -1,4 +1,4 @@
-"""Unit tests of the real-image → MNIST conversion (mnist_mlops.serving.imaging): no model, no server."""
+"""Unit tests of the real-image → MNIST conversion (mnist_mlops.imaging): no model, no server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mnist_mlops import imaging
 from mnist_mlops.preprocess import normalize
-from mnist_mlops.serving import imaging
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -136,7 +136,7 @@ def test_every_input_layout_gives_the_same_answer(server: Server, test_split) ->
 
 def test_predict_image_uses_the_mnist_conversion(server: Server, test_split) -> None:
     """An uploaded picture is classified exactly as its imaging.to_mnist conversion sent as pixels."""
-    from mnist_mlops.serving import imaging
+    from mnist_mlops import imaging
 
     x, y = test_split
     for i, fmt in ((0, "PNG"), (1, "JPEG"), (2, "PNG")):

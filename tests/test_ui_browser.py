@@ -164,7 +164,7 @@ def save_screenshot(driver, path: Path) -> None:
 @pytest.mark.parametrize("pointer", ["mouse", "touch"])
 def test_draw_a_digit_and_predict(pointer: str, server: Server, browser, trained_project: Project,
                                   tmp_path: Path) -> None:
-    from mnist_mlops.serving.imaging import decode, to_mnist
+    from mnist_mlops.imaging import decode, to_mnist
 
     open_page(browser, server)
     assert console_errors(browser) == []

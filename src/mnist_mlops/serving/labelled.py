@@ -15,8 +15,8 @@ import numpy as np
 
 from mnist_mlops.errors import UserError
 from mnist_mlops.feedback import FeedbackStore
+from mnist_mlops.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, image_to_input
 from mnist_mlops.prediction_log import to_uint8
-from mnist_mlops.serving.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, image_to_input
 
 
 @dataclass

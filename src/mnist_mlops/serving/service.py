@@ -4,7 +4,7 @@ Endpoints
 - POST /predict        JSON {"images": [...]}: one 28×28 digit or many (floats in [0, 1] or
                        integers 0–255, with or without the channel axis). Adaptive batching.
 - POST /predict_image  multipart field `image`: a PNG/JPEG of any size, converted the classic
-                       MNIST way (mnist_mlops.serving.imaging) and normalised like the training data.
+                       MNIST way (mnist_mlops.imaging) and normalised like the training data.
 - POST /feedback       JSON {"prediction_id": "...", "label": 7} or a list of them: a person's
                        label for an earlier prediction, stored in the feedback store.
 - GET  /model          which model answers (registered version, MLflow run id, data md5,
@@ -568,7 +568,7 @@ class MnistClassifier:
     @bentoml.api
     def predict_image(self, image: Path) -> Prediction:
         """Classify a PNG/JPEG digit of any size (dark ink on light paper, or light on dark)."""
-        from mnist_mlops.serving.imaging import ImageError, ImageTooLarge, image_to_input
+        from mnist_mlops.imaging import ImageError, ImageTooLarge, image_to_input
 
         try:
             data = image.read_bytes()

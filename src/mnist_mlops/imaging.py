@@ -78,11 +78,61 @@ def to_grayscale(img) -> np.ndarray:
     return np.asarray(gray, dtype=np.float32) / 255.0
 
 
+NOISY = 0.03  # background noise (robust σ) above which the image is median-filtered first
+UNEVEN = 0.05  # a background varying more than this across the image is lit unevenly
+
+
+def _border(g: np.ndarray) -> np.ndarray:
+    return np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+
+
+def background(g: np.ndarray) -> np.ndarray | float:
+    """The paper's level under the ink, from the border (taken to be paper): its median, or,
+    where the border shows uneven light (a phone photo lit from one side), the plane fitted
+    to it, so a shadowed corner is not mistaken for ink."""
+    h, w = g.shape
+    ys = np.concatenate([np.zeros(w), np.full(w, h - 1), np.arange(h), np.arange(h)])
+    xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h), np.full(h, w - 1)])
+    design = np.column_stack([np.ones_like(ys), ys / max(h, w), xs / max(h, w)])
+    coef, *_ = np.linalg.lstsq(design, _border(g), rcond=None)
+    if abs(coef[1]) * h / max(h, w) + abs(coef[2]) * w / max(h, w) < UNEVEN:
+        return float(np.median(_border(g)))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    return (coef[0] + coef[1] * yy + coef[2] * xx).astype(np.float32)
+
+
+def noise_level(ink: np.ndarray) -> float:
+    """About σ of the border's grain (paper or sensor noise), from the 90th percentile of its
+    deviations: robust to a few strokes touching the border, and not fooled when white
+    paper clips half the noise away (a median absolute deviation reads 0 there)."""
+    b = _border(ink)
+    return float(np.percentile(np.abs(b - np.median(b)), 90) / 1.645)
+
+
+def median3(a: np.ndarray) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    shift = float(a.min())
+    img = Image.fromarray(np.clip((a - shift) * 255.0, 0, 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
+    return np.asarray(img, np.float32) / 255.0 + shift
+
+
+def without_specks(mask: np.ndarray) -> np.ndarray:
+    """The mask opened (3×3 erosion, then dilation): grain the median left is dropped, so it
+    cannot stretch the digit's bounding box; strokes, wider than 3 px, survive."""
+    from PIL import Image, ImageFilter
+
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0
+
+
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Grayscale H×W (floats in [0, 1] or uint8) → uint8 28×28, MNIST-style.
 
     1. light-on-dark: inverted when the background (the border) is lighter than the middle
        of the value range, so dark-on-light ink becomes white-on-black like MNIST;
+       the paper's level (a plane where the light is uneven) is subtracted, and grainy
+       images are median-filtered, so only the strokes count as ink;
     2. cropped to the bounding box of the ink;
     3. scaled (antialiased) so the longer side is 20 pixels, aspect ratio kept;
     4. placed in 28×28 so that its centre of mass is at the centre (whole pixels), and
@@ -96,12 +146,18 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a 2-D grayscale image, got shape {g.shape}")
     g = g.astype(np.float32) / 255.0 if np.issubdtype(g.dtype, np.integer) else g.astype(np.float32)
     g = np.clip(np.nan_to_num(g, nan=0.0), 0.0, 1.0)
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if float(np.median(border)) > 0.5:
-        g, border = 1.0 - g, 1.0 - border
-    # Ink: anything clearly above the background level (robust to grey paper / JPEG noise).
-    ink = g - float(np.median(border))
-    ink[ink < 0.1] = 0.0
+    if float(np.median(_border(g))) > 0.5:
+        g = 1.0 - g
+    ink = g - background(g)
+    level = noise_level(ink)
+    noisy = level > NOISY
+    if noisy:  # a grainy photo or scan: a 3×3 median removes the grain, keeps strokes
+        ink = median3(ink)
+        level = noise_level(ink)
+    # Ink: anything clearly above the background (grey paper, uneven light, JPEG and sensor noise).
+    ink[ink < max(0.1, 4.0 * level)] = 0.0
+    if noisy:
+        ink *= without_specks(ink > 0)
     if not ink.any():
         return np.zeros((SIZE, SIZE), np.uint8)
     ink = ink / ink.max()
