@@ -7,9 +7,11 @@ params, the same optimizer, loss, metrics and batch size) on the prepared sample
 with the validation split evaluated every epoch:
 
 - baseline: bare Keras, `model.fit(x, y, batch_size=…)` on in-memory numpy arrays, Keras'
-  own defaults otherwise (no op determinism, `jit_compile="auto"`).
+  own defaults otherwise (no op determinism, `jit_compile="auto"`); with `augment.enabled`
+  (the default), Keras' RandomRotation/RandomTranslation/RandomZoom layers in front of the
+  model at the params' strengths, the way keras-io augments.
 - pipeline: `mnist_mlops.training.train.fit(params, paths)`, exactly what the DVC `train` stage
-  runs (tf.data cache/shuffle/prefetch, op determinism, the per-epoch MLflow logging
+  runs (tf.data cache/shuffle/augment/prefetch, op determinism, the per-epoch MLflow logging
   callback writing to a temp sqlite store, inside an MLflow run).
 
 Each side runs in its own process (TensorFlow's op determinism is process-wide), the
@@ -61,6 +63,21 @@ def timer_callback(marks: list[dict]):
     return EpochTimer()
 
 
+def keras_augmented(model, params):
+    """The baseline's augmentation, the bare-Keras way: Keras' own random layers in front of
+    the model (rotation, shift, zoom at the params' strengths; no shear, strokes or blur)."""
+    import keras
+
+    a, seed = params.augment, params.train.seed
+    return keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        keras.layers.RandomRotation(a.rotation_degrees / 360, fill_mode="constant", seed=seed),
+        keras.layers.RandomTranslation(a.shift_pixels / 28, a.shift_pixels / 28, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomZoom(a.scale, fill_mode="constant", seed=seed + 2),
+        *model.layers,
+    ])
+
+
 def worker(kind: str, root: Path, overrides: list[str], spe: int = 0) -> dict:
     """One training in this process; returns per-epoch seconds.
 
@@ -97,6 +114,8 @@ def worker(kind: str, root: Path, overrides: list[str], spe: int = 0) -> dict:
         lr = keras.optimizers.schedules.CosineDecay(
             params.train.learning_rate, decay_steps=params.train.epochs * int(np.ceil(len(train.y) / batch)))
         model = build_model(params.model, seed=params.train.seed)
+        if params.augment.enabled:
+            model = keras_augmented(model, params)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
         model.fit(train.x, train.y, batch_size=batch, epochs=params.train.epochs,

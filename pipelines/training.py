@@ -113,17 +113,21 @@ def promote(root: str, min_accuracy: float) -> dict:
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.training.prepare import feedback_slice, test_split
+    from mnist_mlops.training.robustness import gate_slice
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
     registered = json.loads(paths.registered.read_text())
     params = load_params(paths.root)
-    test, fb = test_split(paths, params), feedback_slice(paths, params)
-    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy, {"feedback": (fb.x, fb.y)})
+    test, fb, robust = test_split(paths, params), feedback_slice(paths, params), gate_slice(paths, params)
+    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy,
+                             {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y)},
+                             tolerances={"robust": params.evaluate.max_robust_drop})
     get_run_logger().info("version %s %s: %s", decision.version,
                           "promoted to champion" if decision.promoted else "not promoted", decision.reason)
     return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
-            "run_id": registered["run_id"], "accuracy": registered.get("accuracy")}
+            "run_id": registered["run_id"], "accuracy": registered.get("accuracy"),
+            "robust_accuracy": registered.get("robust_accuracy")}
 
 
 @task(name="package")
@@ -200,6 +204,8 @@ def gate_rows(gate: dict) -> dict:
         "MLflow run id": gate["run_id"],
         "model version": gate["version"],
         "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
+        "robust accuracy": (f"{gate['robust_accuracy']:.4f} (mean over the corruptions of the robustness slice)"
+                            if gate.get("robust_accuracy") is not None else "n/a"),
         "promoted": "yes" if gate["promoted"] else "no",
         "why": gate["reason"],
     }
@@ -221,7 +227,7 @@ def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = 
     summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
                **({"started because": reason} if reason else {}), **versioned_data(root, params)}
     ran: dict[str, bool] = {}
-    for name in ("prepare", "train", "evaluate"):
+    for name in ("prepare", "robustness", "train", "evaluate"):
         if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
             preload.in_background("tensorflow", "keras")
         ran[name] = stage.with_options(name=name)(root, name)

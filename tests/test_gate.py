@@ -203,3 +203,40 @@ def test_promote_holds_the_floor_without_a_prepared_split(store, digits, models,
     forced = runner.invoke(app, ["promote", low, "--force"])
     assert forced.exit_code == 0, forced.output
     assert champion(store) == low
+
+
+def test_a_challenger_clearly_less_robust_is_refused(store, digits, models) -> None:
+    """Two softmax regressions, one fitted on clean digits, one also on corrupted ones, differ on
+    the real robustness slice by more than `evaluate.max_robust_drop`: the more robust is
+    champion, the other, challenging on test digits both answer alike (clean accuracy not
+    worse), is refused, and the reason says so. A tolerance wider than the drop lets it through."""
+    from mnist_mlops.preprocess import normalize
+    from mnist_mlops.training import robustness
+
+    x, y, xt, yt = digits
+    seen, unseen = robustness.pick(y, 100, seed=1), robustness.pick(yt, 60, seed=2)
+    xc, yc, _ = robustness.build(robustness.as_uint8(x[seen]), y[seen])
+    xr, yr, _ = robustness.build(robustness.as_uint8(xt[unseen]), yt[unseen])
+    slices = {"robust": (normalize(xr), yr)}
+    also_corrupted = softmax_model(np.concatenate([x, normalize(xc)]), np.concatenate([y, yc.astype(np.int32)]), 4)
+    pair = [models["good"], also_corrupted]
+    robust_acc = [float((m.predict(slices["robust"][0], verbose=0).argmax(1) == yr).mean()) for m in pair]
+    more, less = (pair[0], pair[1]) if robust_acc[0] > robust_acc[1] else (pair[1], pair[0])
+    drop = abs(robust_acc[0] - robust_acc[1])
+    assert drop > 0.02, f"the two models should differ clearly on the robustness slice (by {drop:.4f})"
+    champ = register(more)
+    assert registry.gate(champ, xt, yt, 0.5).promoted
+    same = more.predict(xt, verbose=0).argmax(1) == less.predict(xt, verbose=0).argmax(1)
+    test = (xt[same], yt[same])  # the same answers on these: the clean check passes
+
+    refused = register(less)
+    d = registry.gate(refused, *test, 0.5, slices, tolerances={"robust": 0.01})
+    assert not d.promoted and champion(store) == champ
+    assert "robust accuracy" in d.reason and "evaluate.max_robust_drop=0.01" in d.reason
+    assert f"{drop:.4f} below champion v{champ}" in d.reason
+    assert "test accuracy" not in d.reason  # refused for robustness alone
+    assert tags(store, refused)[registry.TAG_DECISION] == "rejected"
+
+    tolerated = register(less)
+    d = registry.gate(tolerated, *test, 0.5, slices, tolerances={"robust": drop + 0.01})
+    assert d.promoted and champion(store) == tolerated and "within" in d.reason

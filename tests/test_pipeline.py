@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+from mnist_mlops.training.robustness import NAMES
 
 from helpers import Project, copy_project
 
 pytestmark = pytest.mark.timeout(900)
 
-FIGURES = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png"}
+FIGURES = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png", "robustness.png"}
 
 
 def versions(project: Project) -> list[str]:
@@ -38,6 +39,10 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
         assert [m.step for m in history] == [1]
     assert 0.5 <= run.data.metrics["test_accuracy"] <= 1.0
     assert {f"f1_{d}" for d in range(10)} <= set(run.data.metrics)
+    robust = {k: v for k, v in run.data.metrics.items() if k.startswith("robust_") and k != "robust_accuracy"}
+    assert set(robust) == {f"robust_{name}" for name in NAMES}
+    assert run.data.metrics["robust_accuracy"] == pytest.approx(sum(robust.values()) / len(robust))
+    assert "robust accuracy" in trained_project.first_run_output
 
     pinned = yaml.safe_load((trained_project.root / "data.dvc").read_text())["outs"][0]["md5"]
     head = trained_project.run("git", "rev-parse", "HEAD").stdout.strip()
@@ -111,7 +116,8 @@ def test_second_run_fails_fast_while_one_holds_the_lock(project: Project) -> Non
 
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
-    """Same data + params + machine → identical test metrics (seeds + op determinism)."""
+    """Same data + params + machine → identical test metrics (seeds + op determinism), with the
+    default augmentation on: its random distortions are seeded too."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -123,6 +129,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 
     params = validate({"model": {"filters": [8], "convs_per_block": 1, "dense_units": 16},
                        "train": {"epochs": 1}})
+    assert params.augment.enabled
     paths = Paths(tmp_path)
     fetch(params.data, paths.data, tmp_path / "cache")
     prepare(paths, params)
@@ -162,3 +169,9 @@ def test_run_summary_written_for_dvc(trained_project: Project) -> None:
     per_class = dvc_metrics["per_class"]
     assert {"precision_0", "recall_9", "f1_5"} <= set(per_class)
     assert per_class == {k: round(v, 4) for k, v in logged.items() if k.startswith(("precision_", "recall_", "f1_"))}
+    # the robustness slice: its mean and one metric per corruption, in DVC as in MLflow
+    assert dvc_metrics["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
+    assert registered["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
+    assert dvc_metrics["robustness"] == {name: round(logged[f"robust_{name}"], 4) for name in NAMES}
+    table = trained_project.run("dvc", "metrics", "show").stdout
+    assert "robust_accuracy" in table and "robustness.thick_2" in table

@@ -23,6 +23,7 @@ NOT_STAGE_INPUTS = {
                      "data.retry_delay_seconds", "data.timeout_seconds", "data.feedback", "data.feedback_min_new"],
                     "the flow's fetch step (its result, data/, is the prepare stage's dependency)"),
     "evaluate.min_accuracy": "the champion gate, after the stages (a new floor re-gates, it does not re-register)",
+    "evaluate.max_robust_drop": "the champion gate, after the stages (it compares with the champion)",
     "serve.": "the Bento build (mnist-mlops package) and `mnist-mlops serve`",
     "monitor.": "the monitor flow, which reads the prediction log, never a stage's output",
 }

@@ -26,12 +26,15 @@ def test_grid_parsing():
         parse_grid(["train.epochs=1", "train.epochs=2"])
 
 
-def test_best_is_by_val_accuracy_then_val_loss_then_grid_order():
-    def cand(i, acc, loss):
-        return Candidate(i, [f"train.seed={i}"], f"r{i}", acc, loss, "")
+def test_best_is_by_val_and_robust_val_accuracy_then_val_loss_then_grid_order():
+    def cand(i, acc, loss, robust):
+        return Candidate(i, [f"train.seed={i}"], f"r{i}", acc, loss, "", robust)
 
-    assert best([cand(0, 0.90, 0.3), cand(1, 0.95, 0.5), cand(2, 0.95, 0.4)]).index == 2
-    assert best([cand(0, 0.9, 0.3), cand(1, 0.9, 0.3)]).index == 0
+    assert best([cand(0, 0.90, 0.3, 0.9), cand(1, 0.95, 0.5, 0.9), cand(2, 0.95, 0.4, 0.9)]).index == 2
+    assert best([cand(0, 0.9, 0.3, 0.9), cand(1, 0.9, 0.3, 0.9)]).index == 0
+    # the best on clean val data alone loses to one that reads corrupted digits much better
+    assert best([cand(0, 0.97, 0.1, 0.80), cand(1, 0.96, 0.2, 0.90)]).index == 1
+    assert cand(1, 0.96, 0.2, 0.90).score == pytest.approx(0.93)
 
 
 def test_bad_grid_value_fails_before_any_work(project):
@@ -60,10 +63,13 @@ def test_sweep_two_by_one(project):
     assert {c.data.params["train.learning_rate"] for c in children} == {"0.0005", "0.003"}
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
 
-    # the best by val accuracy, and only it, was evaluated and registered
-    winner = max(children, key=lambda c: c.data.metrics["val_accuracy"])
+    # the best by val and robust-val accuracy, and only it, was evaluated and registered
+    winner = max(children, key=lambda c: c.data.metrics["val_accuracy"] + c.data.metrics["robust_val_accuracy"])
     assert parent.data.tags["sweep.best_run_id"] == winner.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(winner.data.metrics["val_accuracy"])
+    assert parent.data.metrics["best_robust_val_accuracy"] == pytest.approx(
+        winner.data.metrics["robust_val_accuracy"])
+    assert "robust val accuracy" in out
     loser = next(c for c in children if c.info.run_id != winner.info.run_id)
     assert "test_accuracy" in winner.data.metrics and "test_accuracy" not in loser.data.metrics
     versions = client.search_model_versions("name='mnist-convnet'")

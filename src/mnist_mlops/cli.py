@@ -456,12 +456,13 @@ def sweep(
 
         with prefect_server.api(server):
             summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package)
-    board = Table(title="sweep candidates (chosen by val accuracy)", title_justify="left")
-    for column in ("combination", "val accuracy", "val loss", "MLflow run", "best"):
+    board = Table(title="sweep candidates (chosen by score: the mean of val and robust-val accuracy)",
+                  title_justify="left")
+    for column in ("combination", "val accuracy", "robust val accuracy", "score", "val loss", "MLflow run", "best"):
         board.add_column(column)
     for row in summary.pop("leaderboard"):
-        board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['val_loss']:.4f}",
-                      row["run_id"], "*" if row["best"] else "")
+        board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['robust_val_accuracy']:.4f}",
+                      f"{row['score']:.4f}", f"{row['val_loss']:.4f}", row["run_id"], "*" if row["best"] else "")
     console.print(board)
     print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
 

@@ -50,15 +50,15 @@ class PrepareParams(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
     feedback_slice_fraction: float = Field(0.2, ge=0, lt=1)
+    robust_digits: int = Field(200, ge=10, le=100_000)
 
 
 class ModelParams(_Section):
     filters: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=3)
-    convs_per_block: int = Field(2, ge=1, le=4)
-    dense_units: int = Field(128, ge=1)
-    dropout: float = Field(0.4, ge=0, lt=1)
+    convs_per_block: int = Field(1, ge=1, le=4)
+    dense_units: int = Field(256, ge=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
     batch_norm: bool = True
-    augment: bool = False
 
     @field_validator("filters")
     @classmethod
@@ -68,8 +68,21 @@ class ModelParams(_Section):
         return v
 
 
+class AugmentParams(_Section):
+    """Random distortions of the training digits (tf.data, training batches only): what
+    people's digits do that MNIST's do not. `enabled: false` trains on the digits as they are."""
+
+    enabled: bool = True
+    rotation_degrees: float = Field(10.0, ge=0, le=90)
+    shear: float = Field(0.4, ge=0, le=1)
+    scale: float = Field(0.15, ge=0, lt=1)
+    shift_pixels: float = Field(2.0, ge=0, le=8)
+    thickness: float = Field(0.5, ge=0, le=1)
+    blur: float = Field(0.2, ge=0, le=1)
+
+
 class TrainParams(_Section):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(0.003, gt=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -80,6 +93,7 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     min_accuracy: float = Field(0.95, ge=0, le=1)
+    max_robust_drop: float = Field(0.01, ge=0, le=1)
     misclassified_grid: int = Field(36, ge=0, le=400)
 
 
@@ -116,6 +130,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
     model: ModelParams = ModelParams()
+    augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeParams = ServeParams()
@@ -240,6 +255,7 @@ class Paths:
         self.data_dvc = self.root / "data.dvc"
         self.artifacts = self.root / "artifacts"
         self.prepared = self.artifacts / "prepared"
+        self.robust = self.artifacts / "robust"  # the robustness slices (training/robustness.py)
         self.model_dir = self.artifacts / "model"
         self.model_file = self.model_dir / "model.keras"
         self.train_run = self.model_dir / "run.json"

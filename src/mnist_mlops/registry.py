@@ -122,10 +122,27 @@ def _decided_under(tags: dict[str, str], floor: float) -> bool:
         return False
 
 
+def _compare(name: str, mine: float, theirs: float, digits: int, champion: str, tolerance: float) -> str:
+    """One line of the gate's reason: challenger vs re-scored champion on one set; a line
+    starting with "ok: " lets the challenger through."""
+    where = "the same test data" if name == "test" else f"the {name} slice ({digits} digits)"
+    line = f"{name} accuracy {mine:.4f}"
+    if not tolerance:
+        return (f"{line} worse than champion v{champion} ({theirs:.4f}) on {where}" if mine < theirs
+                else f"ok: {line} >= champion v{champion} ({theirs:.4f}) on {where}")
+    if theirs - mine > tolerance:
+        return (f"{line} is {theirs - mine:.4f} below champion v{champion} ({theirs:.4f}) on {where}: "
+                f"a drop of more than evaluate.max_robust_drop={tolerance}")
+    return f"ok: {line} within {tolerance} of champion v{champion} ({theirs:.4f}) on {where}"
+
+
 def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
-         slices: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Decision:
+         slices: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+         tolerances: dict[str, float] | None = None) -> Decision:
     """Promote `version` iff it clears the floor on the base test split and is not worse than
-    the champion, both re-scored, on the base test split nor on any slice (e.g. "feedback").
+    the champion, both re-scored, on the base test split nor on any slice (e.g. "feedback",
+    "robust"); a slice named in `tolerances` refuses only a drop of more than its tolerance
+    (the robustness slice: `evaluate.max_robust_drop`).
 
     A version is decided once per floor: rerunning the gate under the same floor reports the
     earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again
@@ -162,13 +179,9 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
     champ = rescore_on(current, sets)
     worse, better = [], []
     for name, mine in scores.items():
-        theirs = champ[name].accuracy
-        where = "the same test data" if name == "test" else f"the {name} slice ({len(sets[name][1])} digits)"
-        line = f"{'test' if name == 'test' else name} accuracy {mine.accuracy:.4f}"
-        if mine.accuracy < theirs:
-            worse.append(f"{line} worse than champion v{current} ({theirs:.4f}) on {where}")
-        else:
-            better.append(f"{line} >= champion v{current} ({theirs:.4f}) on {where}")
+        verdict = _compare(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]), current,
+                           (tolerances or {}).get(name, 0.0))
+        (better if verdict.startswith("ok: ") else worse).append(verdict.removeprefix("ok: "))
     if worse:
         reason = "; ".join(worse)
         _reject(version, reason, min_accuracy)

@@ -1,5 +1,5 @@
-"""Evaluate: score the trained model on the test split (and the feedback slice), log and
-register it in MLflow."""
+"""Evaluate: score the trained model on the test split (and the feedback and robustness
+slices), log and register it in MLflow."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def write_confusion_csv(y: np.ndarray, pred: np.ndarray, path: Path) -> None:
         writer.writerows(zip(y.tolist(), pred.tolist(), strict=False))
 
 
-def write_figures(model, x, y, probs, params: Params, paths: Paths) -> list[Path]:
+def write_figures(model, x, y, probs, robust: dict[str, float], params: Params, paths: Paths) -> list[Path]:
     from mnist_mlops.training import plots
 
     pred = probs.argmax(axis=1)
@@ -55,7 +55,18 @@ def write_figures(model, x, y, probs, params: Params, paths: Paths) -> list[Path
         plots.confusion_matrix(confusion(y, pred), figs / "confusion_matrix.png"),
         plots.misclassified(x, y, probs, params.evaluate.misclassified_grid, figs / "misclassified.png"),
         plots.conv_filters(np.asarray(first_conv.get_weights()[0]), figs / "conv_filters.png"),
+        plots.robustness(robust, float((pred == y).mean()), figs / "robustness.png"),
     ]
+
+
+def robustness_metrics(model, paths: Paths) -> dict[str, float]:
+    """`robust_accuracy` and `robust_<corruption>` on the robustness slice of the test split:
+    the same digits drawn on paper, corrupted and converted as uploads are (robustness.py)."""
+    from mnist_mlops.training.robustness import load_slice, per_corruption
+
+    robust = load_slice(paths, "robust")
+    correct = probabilities(model, robust.x).argmax(axis=1) == robust.y
+    return per_corruption(correct, robust.kind)
 
 
 def _patch_keras_input_example() -> None:
@@ -143,9 +154,11 @@ def evaluate(params: Params, paths: Paths) -> dict:
     pred = probs.argmax(axis=1)
     metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy,
                **per_class(test.y, pred)}
+    robust = robustness_metrics(model, paths)
+    metrics |= robust
     paths.reports.mkdir(parents=True, exist_ok=True)
     write_confusion_csv(test.y, pred, paths.confusion)
-    figures = write_figures(model, test.x, test.y, probs, params, paths)
+    figures = write_figures(model, test.x, test.y, probs, robust, params, paths)
     fb_metrics, fb_tags = feedback_metrics(model, paths)
     metrics |= fb_metrics
 
@@ -160,18 +173,22 @@ def evaluate(params: Params, paths: Paths) -> dict:
         mlflow.log_artifact(str(paths.confusion), "reports")
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(monitoring_reference(paths, probs, Path(tmp) / REFERENCE_FILE)), "monitoring")
-        tags = {"test_accuracy": f"{result.accuracy:.6f}", "finite_outputs": str(result.finite).lower(),
+        tags = {"test_accuracy": f"{result.accuracy:.6f}", "robust_accuracy": f"{robust['robust_accuracy']:.6f}",
+                "finite_outputs": str(result.finite).lower(),
                 "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
                 **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
                    if "feedback_accuracy" in fb_metrics else {})}
         version = log_and_register(model, test.x, probs, tags)
     summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
-               "finite_outputs": result.finite,
+               "robust_accuracy": robust["robust_accuracy"], "finite_outputs": result.finite,
                **fb_metrics,
+               "robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items()
+                              if k != "robust_accuracy"},
                "per_class": {k: round(v, 4) for k, v in metrics.items()
                              if k.startswith(("precision_", "recall_", "f1_"))}}
     paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    registered = {"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
+    registered = ({"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
+                  | {"robust_accuracy": robust["robust_accuracy"]})
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
     return registered
 
@@ -179,4 +196,5 @@ def evaluate(params: Params, paths: Paths) -> dict:
 def stage(params: Params, paths: Paths) -> str:
     """The DVC `evaluate` stage."""
     r = evaluate(params, paths)
-    return f"evaluate: test accuracy {r['accuracy']:.4f}, registered version {r['version']}"
+    return (f"evaluate: test accuracy {r['accuracy']:.4f}, robust accuracy {r['robust_accuracy']:.4f}, "
+            f"registered version {r['version']}")

@@ -21,26 +21,13 @@ def conv_layers(params: ModelParams, seed: int) -> list:
     return stack
 
 
-def augment_layers(seed: int) -> list:
-    """Small shifts, rotations and zooms: active in training, identity at inference."""
-    from keras import layers
-
-    return [
-        layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 1),
-        layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
-    ]
-
-
 def build_model(params: ModelParams, seed: int = 42):
-    """Input 28×28×1 → [augment] → conv/pool blocks → dense → dropout → softmax over 10."""
+    """Input 28×28×1 → conv/pool blocks → dense → dropout → softmax over 10 (augmentation is
+    the data pipeline's: see augment.py)."""
     import keras
     from keras import layers
 
-    stack = [keras.Input(shape=INPUT_SHAPE)]
-    if params.augment:
-        stack += augment_layers(seed)
-    stack += conv_layers(params, seed)
+    stack = [keras.Input(shape=INPUT_SHAPE), *conv_layers(params, seed)]
     stack += [layers.Flatten(), layers.Dense(params.dense_units, activation="relu")]
     if params.dropout:
         stack.append(layers.Dropout(params.dropout, seed=seed + 3))

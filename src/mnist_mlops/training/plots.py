@@ -92,3 +92,25 @@ def conv_filters(kernel: np.ndarray, path: Path) -> Path:
         ax.imshow(k[:, :, i], cmap="RdBu_r", vmin=-np.abs(k).max(), vmax=np.abs(k).max())
     fig.suptitle("first Conv2D layer filters (3×3)", fontsize=9)
     return _save(fig, path)
+
+
+def robustness(metrics: dict[str, float], clean_accuracy: float, path: Path) -> Path:
+    """Accuracy per corruption of the robustness slice (one colour per family), against the
+    clean test accuracy and the slice's mean (`robust_accuracy`)."""
+    plt = _pyplot()
+    names = [k.removeprefix("robust_") for k in metrics if k != "robust_accuracy"]
+    values = [metrics[f"robust_{n}"] for n in names]
+    families = list(dict.fromkeys(n.split("_")[0] for n in names))
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    ax.bar(names, values, color=[colours(families.index(n.split("_")[0]) % 10) for n in names])
+    ax.axhline(clean_accuracy, color="black", linestyle="--", linewidth=1, label=f"clean test {clean_accuracy:.3f}")
+    mean = metrics.get("robust_accuracy", float("nan"))
+    ax.axhline(mean, color="tab:red", linewidth=1, label=f"robust accuracy {mean:.3f}")
+    ax.set_ylim(max(0.0, min([*values, clean_accuracy]) - 0.05), 1.0)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy per corruption (robustness slice, through the upload conversion)")
+    ax.tick_params(axis="x", rotation=60)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower left")
+    return _save(fig, path)

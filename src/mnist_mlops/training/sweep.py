@@ -7,7 +7,9 @@ Design (one implementation of each step, DVC and the registry kept consistent):
    `train` stage uses, as a nested child run (MNIST_MLOPS_PARENT_RUN_ID), writing its model
    and curves into its own work dir. Children see only train/val data: no test metric
    exists before the choice, so the choice cannot use it.
-3. The best child by final val accuracy (then lower val loss, then grid order) wins: its
+3. The best child by its selection score, the mean of final val accuracy and robust-val
+   accuracy (the val split through the robustness slice's corruptions), then lower val
+   loss, then grid order, wins: its
    params are written into params.yaml, its outputs moved to where the `train` stage puts
    them, and `dvc commit train` records them in dvc.lock (training is deterministic, so
    they are what `dvc repro` would produce; nothing is trained twice).
@@ -43,6 +45,12 @@ class Candidate:
     val_accuracy: float
     val_loss: float
     workdir: str
+    robust_val_accuracy: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """What the sweep maximises: clean and robust accuracy on validation data, alike."""
+        return (self.val_accuracy + self.robust_val_accuracy) / 2
 
     @property
     def label(self) -> str:
@@ -127,6 +135,8 @@ def record_candidate(root: Path, parent_run_id: str, cand: Candidate) -> None:
     setup_mlflow(root)
     client = mlflow.MlflowClient()
     client.log_metric(parent_run_id, "candidate_val_accuracy", cand.val_accuracy, step=cand.index)
+    client.log_metric(parent_run_id, "candidate_robust_val_accuracy", cand.robust_val_accuracy, step=cand.index)
+    client.log_metric(parent_run_id, "candidate_score", cand.score, step=cand.index)
     client.set_tag(cand.run_id, "sweep.combination", cand.label)
 
 
@@ -139,6 +149,7 @@ def finish_parent(root: Path, parent_run_id: str, best: Candidate | None, ok: bo
     client = mlflow.MlflowClient()
     if best is not None:
         client.log_metric(parent_run_id, "best_val_accuracy", best.val_accuracy)
+        client.log_metric(parent_run_id, "best_robust_val_accuracy", best.robust_val_accuracy)
         client.set_tag(parent_run_id, "sweep.best_run_id", best.run_id)
         client.set_tag(parent_run_id, "sweep.best", best.label)
     client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")
@@ -188,14 +199,16 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
         raise UserError(f"sweep candidate {' '.join(overrides)} failed: {tail[0][:300]}")
     result = json.loads((workdir / RESULT_FILE).read_text())
     return Candidate(index=index, overrides=overrides, run_id=result["run_id"],
-                     val_accuracy=result["val_accuracy"], val_loss=result["val_loss"], workdir=str(workdir))
+                     val_accuracy=result["val_accuracy"], val_loss=result["val_loss"], workdir=str(workdir),
+                     robust_val_accuracy=result["robust_val_accuracy"])
 
 
 def best(candidates: list[Candidate]) -> Candidate:
-    """Highest final val accuracy; ties: lower val loss, then grid order. Never test data."""
+    """Highest score (clean + robust val accuracy); ties: lower val loss, then grid order.
+    Never test data."""
     if not candidates:
         raise UserError("the sweep trained no candidate")
-    return min(candidates, key=lambda c: (-c.val_accuracy, c.val_loss, c.index))
+    return min(candidates, key=lambda c: (-c.score, c.val_loss, c.index))
 
 
 # ----------------------------------------------------------------------------- the winner
@@ -231,6 +244,19 @@ def cleanup(workdir: Path) -> None:
 # ----------------------------------------------------------------------------- child process
 
 
+def robust_val_accuracy(paths: Paths, run_id: str) -> float:
+    """The candidate's accuracy on the robust-val slice, logged to its run as `robust_val_accuracy`."""
+    import mlflow
+
+    from mnist_mlops.scoring import load_keras, probabilities
+    from mnist_mlops.training.robustness import load_slice
+
+    robust = load_slice(paths, "robust_val")
+    acc = float((probabilities(load_keras(paths.model_file), robust.x).argmax(axis=1) == robust.y).mean())
+    mlflow.MlflowClient().log_metric(run_id, "robust_val_accuracy", acc)
+    return acc
+
+
 def child_main(argv: list[str] | None = None) -> None:
     """`python -m mnist_mlops.training.sweep --out DIR [-S section.key=value ...]`: one candidate."""
     import argparse
@@ -251,12 +277,15 @@ def child_main(argv: list[str] | None = None) -> None:
         paths = candidate_paths(root, args.out.resolve())
         run_id = train(params, paths)
         acc, loss = final_val(paths.history)
+        robust = robust_val_accuracy(paths, run_id)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = {"run_id": run_id, "val_accuracy": acc, "val_loss": loss, "overrides": args.overrides}
+    result = {"run_id": run_id, "val_accuracy": acc, "val_loss": loss, "robust_val_accuracy": robust,
+              "overrides": args.overrides}
     (args.out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"candidate {' '.join(args.overrides)}: val accuracy {acc:.4f} (MLflow run {run_id})")
+    print(f"candidate {' '.join(args.overrides)}: val accuracy {acc:.4f}, robust val accuracy {robust:.4f} "
+          f"(MLflow run {run_id})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops.config import Params, Paths
+from mnist_mlops.config import AugmentParams, Params, Paths
 from mnist_mlops.training.prepare import load_split
 
 
@@ -40,14 +40,21 @@ def pick_strategy():
     return tf.distribute.get_strategy()
 
 
-def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None):
-    """In-memory tf.data: cached, shuffled per epoch with a fixed seed, prefetched."""
+def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None,
+            augment: AugmentParams | None = None):
+    """In-memory tf.data: cached, shuffled per epoch with a fixed seed, batched, each batch
+    distorted afresh every epoch when `augment` is given (training only), prefetched."""
     import tensorflow as tf
+
+    from mnist_mlops.training.augment import augmented
 
     ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = augmented(ds, augment, seed=shuffle_seed or 0)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def compile_model(model, params: Params, steps_per_epoch: int) -> None:
@@ -126,7 +133,7 @@ def fit(params: Params, paths: Paths, callbacks: list | None = None):
         compile_model(model, params, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
     rows: list[dict] = []
     model.fit(
-        dataset(train.x, train.y, batch, shuffle_seed=params.train.seed),
+        dataset(train.x, train.y, batch, shuffle_seed=params.train.seed, augment=params.augment),
         validation_data=dataset(val.x, val.y, batch, shuffle_seed=None),
         epochs=params.train.epochs,
         callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
