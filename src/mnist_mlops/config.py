@@ -82,7 +82,7 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(24, ge=1)
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(0.003, gt=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
