@@ -35,8 +35,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def test_the_slices_are_byte_identical_between_two_runs(tmp_path: Path) -> None:
-    """The `robustness` stage run twice (in this process, then as the DVC stage command with a
-    process per core) writes the same bytes: the slice is a pure function of the split."""
+    """The slices built twice (in this process, then by the DVC stage command) and a third time
+    over a process per core write the same bytes: the slice is a pure function of the split."""
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
@@ -51,6 +51,9 @@ def test_the_slices_are_byte_identical_between_two_runs(tmp_path: Path) -> None:
     shutil.rmtree(paths.robust)
     subprocess.run([sys.executable, "-m", "mnist_mlops.training.stages", "robustness"], cwd=root, check=True,
                    env={**TELEMETRY_OFF, "PATH": str(Path(sys.executable).parent)}, capture_output=True)
+    assert digest(paths.robust) == first
+    shutil.rmtree(paths.robust)
+    robustness.write_slices(params, paths, processes=2)
     assert digest(paths.robust) == first
     assert len(first) == 6  # x, y, kind of both slices
 

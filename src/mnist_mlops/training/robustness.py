@@ -203,9 +203,10 @@ NAMES = tuple(c.name for c in CORRUPTIONS)
 
 def corrupt(digits: np.ndarray, corruption: Corruption) -> np.ndarray:
     """uint8 N×28×28 digits → uint8 N×28×28: drawn on paper, corrupted, converted like an upload."""
+    if not len(digits):
+        return np.zeros((0, 28, 28), np.uint8)
     rng = np.random.default_rng([SEED, NAMES.index(corruption.name), len(digits)])
-    return np.stack([to_mnist(np.asarray(corruption.apply(sheet(d), rng))) for d in digits]) \
-        if len(digits) else np.zeros((0, 28, 28), np.uint8)
+    return np.stack([to_mnist(np.asarray(corruption.apply(sheet(d), rng))) for d in digits])
 
 
 def per_corruption(correct: np.ndarray, kind: np.ndarray) -> dict[str, float]:
@@ -298,8 +299,12 @@ def gate_slice(paths: Paths, params: Params) -> RobustSlice:
     return RobustSlice(normalize(x), y, kind)
 
 
+PARALLEL_FROM = 100  # digits per slice from which spawning a process per core pays (~1 s each to start)
+
+
 def stage(params: Params, paths: Paths) -> str:
     """The DVC `robustness` stage: the slices evaluation, the gate and sweeps score on."""
-    sizes = write_slices(params, paths, processes=os.cpu_count() or 1)
+    processes = (os.cpu_count() or 1) if params.prepare.robust_digits >= PARALLEL_FROM else 1
+    sizes = write_slices(params, paths, processes=processes)
     return (f"robustness: {sizes['robust']} corrupted test digits, {sizes['robust_val']} corrupted val digits "
             f"({len(CORRUPTIONS)} corruptions)")
