@@ -60,22 +60,15 @@ def sheet(digit: np.ndarray):
     return Image.fromarray(np.pad(255 - up, margin, constant_values=255))
 
 
-def _thick(size: int):
+def _ink(filter_name: str, size: int):
+    """Thicker strokes (`minimum_filter`: on dark ink the minimum grows it) or thinner ones
+    (`maximum_filter`), over a `size`×`size` square."""
+
     def apply(img, rng):
+        import scipy.ndimage
         from PIL import Image
-        from scipy.ndimage import minimum_filter
 
-        return Image.fromarray(minimum_filter(np.asarray(img), size))  # dark ink: the minimum grows it
-
-    return apply
-
-
-def _thin(size: int):
-    def apply(img, rng):
-        from PIL import Image
-        from scipy.ndimage import maximum_filter
-
-        return Image.fromarray(maximum_filter(np.asarray(img), size))
+        return Image.fromarray(getattr(scipy.ndimage, filter_name)(np.asarray(img), size))
 
     return apply
 
@@ -177,10 +170,10 @@ def _jpeg(quality: int):
 
 
 CORRUPTIONS: tuple[Corruption, ...] = (
-    Corruption("thick_1", "thick", _thick(5)),
-    Corruption("thick_2", "thick", _thick(9)),
-    Corruption("thin_1", "thin", _thin(3)),
-    Corruption("thin_2", "thin", _thin(5)),
+    Corruption("thick_1", "thick", _ink("minimum_filter", 5)),
+    Corruption("thick_2", "thick", _ink("minimum_filter", 9)),
+    Corruption("thin_1", "thin", _ink("maximum_filter", 3)),
+    Corruption("thin_2", "thin", _ink("maximum_filter", 5)),
     Corruption("lowres_12px", "lowres", _lowres(12)),
     Corruption("lowres_8px", "lowres", _lowres(8)),
     Corruption("blur_1", "blur", _blur(3)),
