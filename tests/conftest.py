@@ -32,7 +32,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST_PARAMS, MLFLOW_PROCESS_STATE, TELEMETRY_OFF, Project, Server, make_project, serving
+from helpers import (
+    FAST_PARAMS,
+    MLFLOW_PROCESS_STATE,
+    TELEMETRY_OFF,
+    Postgres,
+    Project,
+    Server,
+    make_project,
+    postgres_cluster,
+    serving,
+)
 
 os.environ.update(TELEMETRY_OFF)
 
@@ -110,3 +120,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL cluster for the session; each user creates its own database."""
+    with postgres_cluster() as cluster:
+        yield cluster

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from mnist_mlops.platform.processes import LOOPBACK, free_port, start_group, sto
 from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["BIN", "FAST_PARAMS", "LOOPBACK", "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL",
-           "TELEMETRY_OFF", "Project", "Server", "copy_project", "free_port", "make_project", "serving",
-           "start_server", "stop_group"]
+           "TELEMETRY_OFF", "Postgres", "Project", "Server", "copy_project", "free_port", "make_project",
+           "postgres_cluster", "serving", "start_server", "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -254,3 +255,92 @@ def wait_text(browser, *needles: str, timeout: float = 90) -> str:
         if all(n in body for n in needles) or time.monotonic() > deadline:
             return body
         time.sleep(1)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (`postgres_cluster`); one database per user of it."""
+
+    port: int
+    user: str
+    proc: subprocess.Popen
+    log: Path
+
+    def dsn(self, database: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{self.user}@{LOOPBACK}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; its `postgresql://` URL."""
+        import psycopg
+
+        conn = psycopg.connect(host=LOOPBACK, port=self.port, user=self.user, dbname="postgres", autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.dsn(name)
+
+
+def postgres_bindir() -> Path:
+    """Debian's PostgreSQL server binaries (`apt-get install postgresql`; not on PATH there)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not versions:
+        raise AssertionError("PostgreSQL's initdb not found: `apt-get install postgresql` (.ci/run does it)")
+    return versions[-1].parent
+
+
+@contextlib.contextmanager
+def postgres_cluster(user: str = "mnist") -> Iterator[Postgres]:
+    """initdb in a temp dir, `postgres` on a free 127.0.0.1 port (supervised: it dies with this
+    process), removed afterwards. PostgreSQL refuses to run as root: as root, the cluster belongs
+    to Debian's `postgres` account. Trust auth on loopback only; fsync off (it is thrown away)."""
+    bindir = postgres_bindir()
+    tmp = Path(tempfile.mkdtemp(prefix="mnist-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        owner = pwd.getpwnam("postgres")
+        os.chown(tmp, owner.pw_uid, owner.pw_gid)
+        as_owner = ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups"]
+    data, log = tmp / "data", tmp / "postgres.log"
+    try:
+        subprocess.run([*as_owner, str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust",
+                        "-E", "UTF8", "--no-sync", "--no-instructions"], check=True, capture_output=True,
+                       text=True, timeout=120, cwd=tmp)
+        port = free_port()
+        cmd = [*as_owner, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", LOOPBACK,
+               "-k", str(tmp), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+               "-c", "max_connections=200"]
+        proc = start_group(cmd, tmp / "supervisor.log", cwd=tmp)
+        cluster = Postgres(port, user, proc, log)
+        try:
+            _wait_postgres(cluster, tmp)
+            yield cluster
+        finally:
+            stop_group(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_postgres(cluster: Postgres, tmp: Path, timeout: float = 60) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(host=LOOPBACK, port=cluster.port, user=cluster.user, dbname="postgres",
+                             connect_timeout=2).close()
+            return
+        except psycopg.OperationalError as exc:
+            if cluster.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"PostgreSQL did not start: {exc}\n"
+                                     f"{(tmp / 'supervisor.log').read_text(errors='replace')[-3000:]}") from None
+            time.sleep(0.3)

@@ -1,21 +1,26 @@
-"""The pipeline against a real `mlflow server` on loopback whose artifacts live in an
-S3-compatible store (moto in server mode), with the DVC remote on the same store: the run,
-its metrics and images and the champion are then found through MLflow's REST API."""
+"""The pipeline against a real `mlflow server` as teams run it: runs and registry in
+PostgreSQL, artifacts in an S3-compatible store (moto in server mode), two server workers,
+and the DVC remote on the same store. The run, its metrics and images and the champion are
+then found through MLflow's REST API, and a service that follows the champion serves it
+from that server."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from mnist_mlops.config import write_params
+from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import start_group, stop_group, wait_http
 
-from helpers import BIN, SMALL_MODEL, free_port
+from helpers import BIN, SMALL_MODEL, free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -55,18 +60,22 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(s3, tmp_path_factory):
-    """`mlflow server`: runs and registry in sqlite, artifacts proxied to s3://mlflow-artifacts."""
+def mlflow_server(s3, postgres, tmp_path_factory):
+    """`mlflow server`: runs and registry in PostgreSQL, artifacts proxied to s3://mlflow-artifacts,
+    two workers (so two requests of one run may land on different processes)."""
     port = free_port()
     tmp = tmp_path_factory.mktemp("mlflow-server")
     env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.create_database("mlflow"),
            "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlartifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
     proc = start_group(cmd, tmp / "server.log", env, cwd=tmp)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=240, ok=lambda s: s == 200)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=240, ok=lambda s: s == 200)
+        except UserError as exc:
+            pytest.fail(f"mlflow server: {exc}\n{(tmp / 'server.log').read_text(errors='replace')[-4000:]}")
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(proc)
@@ -79,8 +88,8 @@ def api(base: str, method: str, path: str, **kw) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_pipeline_logs_to_a_remote_mlflow_server(project, s3, mlflow_server):
-    write_params(project.root, SMALL_MODEL)
+def test_pipeline_logs_to_a_remote_mlflow_server(project, s3, mlflow_server, tmp_path):
+    write_params(project.root, [*SMALL_MODEL, "serve.follow_seconds=1"])
     project.env.update(CREDENTIALS | {"MLFLOW_TRACKING_URI": mlflow_server})
     project.run("dvc", "remote", "add", "-d", "shared", f"s3://{DVC_BUCKET}/mnist")
     project.run("dvc", "remote", "modify", "shared", "endpointurl", s3.endpoint)
@@ -141,3 +150,20 @@ def test_pipeline_logs_to_a_remote_mlflow_server(project, s3, mlflow_server):
     assert any(k.endswith(f"{run_id}/artifacts/figures/misclassified.png") for k in artifact_keys), artifact_keys[:20]
     assert any(k.endswith("MLmodel") for k in artifact_keys)
     assert any(k.startswith("mnist/files/md5/") for k in s3.keys(DVC_BUCKET))
+
+    # a service following the champion on that server: it serves v1, then v2 once the alias moves
+    with serving(project, tmp_path / "serve") as srv:
+        info = srv.client.get("/model").json()
+        assert (info["model_version"], info["run_id"], info["mode"]) == ("1", run_id, "follow"), info
+        answer = srv.predict(np.zeros((28, 28), np.uint8).tolist())
+        assert answer.status_code == 200 and answer.json()[0]["model_version"] == "1", answer.text[:300]
+        api(mlflow_server, "POST", "model-versions/create",
+            json={"name": "mnist-convnet", "source": champion["source"], "run_id": run_id,
+                  "model_id": champion["source"].removeprefix("models:/")})
+        api(mlflow_server, "POST", "registered-models/alias",
+            json={"name": "mnist-convnet", "alias": "champion", "version": "2"})
+        deadline = time.monotonic() + 120
+        while srv.client.get("/model").json()["model_version"] != "2":
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.5)
+        assert srv.predict(np.zeros((28, 28), np.uint8).tolist()).json()[0]["model_version"] == "2"
