@@ -1,12 +1,20 @@
 """The sweep flow: check → fetch → version → prepare → train each grid combination (child runs) →
 keep the best by val and robust-val accuracy → evaluate → promote → package. The ML lives in
 `mnist_mlops.training.sweep`; this flow only orders the steps and records them.
+
+With a work pool (`pool`), the candidates are flow runs of `mnist-sweep-candidate` (deployed
+to that pool as `mnist-sweep-candidate/<pool>`), started at once and trained by the pool's
+workers, each in its own checkout (`$MNIST_MLOPS_CHECKOUT`); they show in the Prefect UI as
+sub-flow runs of the sweep. A candidate that fails (its worker died, its checkout is stale)
+is reported and left out; the sweep fails only when none finished.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -14,7 +22,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
+from mnist_mlops.errors import UserError
 from pipelines.training import gate_rows, package, promote, run_name, stage, summary_markdown, versioned_data
+
+CANDIDATE_FLOW = "mnist-sweep-candidate"
+# Each worker runs candidates in its own checkout of the project (set where the worker runs).
+CHECKOUT_PULL_STEPS = [
+    {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $MNIST_MLOPS_CHECKOUT }}"}}]
+POLL_SECONDS = 2.0
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @task(name="candidate")
@@ -27,6 +43,126 @@ def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, w
     get_run_logger().info("candidate %s: val accuracy %.4f, robust val accuracy %.4f (run %s)", cand.label,
                           cand.val_accuracy, cand.robust_val_accuracy, cand.run_id)
     return asdict(cand)
+
+
+@flow(name=CANDIDATE_FLOW, flow_run_name="candidate-{index}", log_prints=True)
+def candidate_flow(index: int, overrides: list[str], parent_run_id: str, params: dict, prepared: dict[str, str],
+                   root: str = ".") -> dict:
+    """One sweep candidate, on a worker of the sweep's pool: check that this checkout holds the
+    sweep's params and prepared data, train on this worker's CPUs (a child MLflow run tagged
+    with the worker), log the model to the run for the parent. Fails if the worker dies."""
+    from mnist_mlops.platform.tracking import FLOW_RUN_ENV
+    from mnist_mlops.training import sweep
+
+    checkout = Path(root).resolve()
+    sweep.check_checkout(checkout, params, prepared)
+    os.environ[FLOW_RUN_ENV] = str(flow_run.get_id())
+    where = sweep.placement()
+    get_run_logger().info("candidate-%d (%s) on worker %s, host %s, CPUs %s, GPUs %s", index, " ".join(overrides),
+                          where["sweep.worker"], where["sweep.host"], where["sweep.cpus"], where["sweep.gpus"])
+    artifacts = Paths(checkout).artifacts
+    artifacts.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".sweep-{parent_run_id[:8]}-c{index}-", dir=artifacts))
+    try:
+        cand = sweep.train_candidate(checkout, index, overrides, parent_run_id, work, upload=True,
+                                     stop_with_parent=True)
+    finally:
+        sweep.cleanup(work)
+    return asdict(cand)
+
+
+def deploy_candidates(pool: str) -> str:
+    """`mnist-sweep-candidate/<pool>` on the work pool, created or updated; one line if the pool
+    is missing or no worker polls it (the candidates would wait forever)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.callables import parameter_schema
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise UserError(f"work pool '{pool}' not found on {client.api_url}: create it "
+                            f"(prefect work-pool create {pool} --type process) and start its workers") from None
+        if not any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool)):
+            raise UserError(f"no worker is polling work pool '{pool}': start one on each machine that should train "
+                            f"(prefect worker start --pool {pool})")
+        client.create_deployment(
+            flow_id=client.create_flow_from_name(CANDIDATE_FLOW), name=pool, work_pool_name=pool,
+            entrypoint="pipelines/sweep.py:candidate_flow", pull_steps=CHECKOUT_PULL_STEPS,
+            parameter_openapi_schema=parameter_schema(candidate_flow).model_dump_for_openapi(),
+            tags=["mnist-mlops", "sweep"], description="One sweep candidate (started by mnist-mlops sweep --pool).")
+    return f"{CANDIDATE_FLOW}/{pool}"
+
+
+def fan_out(root: Path, pool: str, deployment: str, combos: list[list[str]],
+            parent: str) -> tuple[list, list[dict]]:
+    """Start every candidate on the pool at once and wait for all: (finished, failed)."""
+    from prefect.deployments import run_deployment
+
+    from mnist_mlops.training import sweep
+
+    log = get_run_logger()
+    shared = {"parent_run_id": parent, "params": load_params(root).model_dump(mode="json"),
+              "prepared": sweep.prepared_md5s(root)}
+    runs = {i: run_deployment(deployment, parameters={"index": i, "overrides": combo, **shared}, timeout=0,
+                              flow_run_name=f"candidate-{i}", tags=["mnist-mlops", "sweep"])
+            for i, combo in enumerate(combos)}
+    log.info("%d candidates on work pool %s: %s", len(runs), pool, ", ".join(str(r.id) for r in runs.values()))
+    try:
+        final = wait_for_runs(pool, runs)
+    except BaseException:
+        cancel_unfinished(runs)
+        raise
+    finished, failed = [], []
+    for i, state in final.items():
+        if state.type.value == "COMPLETED":
+            finished.append(sweep.candidate_from_run(sweep.child_run(root, parent, str(runs[i].id)), i, combos[i]))
+        else:
+            message = (state.message or state.name).splitlines()[0].split("UserError: ", 1)[-1]
+            failed.append({"index": i, "overrides": combos[i], "state": state.name, "message": message[:300]})
+    return finished, failed
+
+
+def wait_for_runs(pool: str, runs: dict) -> dict:
+    """Poll the candidates' flow runs until each is final; log every change. Candidates that
+    no worker will ever take (none polls the pool any more) are cancelled."""
+    from prefect import get_client
+
+    log = get_run_logger()
+    seen: dict[int, str] = {}
+    final: dict = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(runs):
+            for i, run in runs.items():
+                if i in final:
+                    continue
+                state = client.read_flow_run(run.id).state
+                if state.name != seen.get(i):
+                    seen[i] = state.name
+                    log.info("candidate-%d: %s%s", i, state.name, f" ({state.message})" if state.message else "")
+                if state.type.value in FINAL_STATES:
+                    final[i] = state
+            waiting = [i for i in runs if i not in final and seen.get(i) in {"Scheduled", "Late", "Pending"}]
+            if waiting and not any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool)):
+                raise UserError(f"no worker polls work pool '{pool}' any more: candidates "
+                                f"{', '.join(f'candidate-{i}' for i in waiting)} never started")
+            time.sleep(POLL_SECONDS)
+    return final
+
+
+def cancel_unfinished(runs: dict) -> None:
+    """The sweep stops (Ctrl-C, an error): its candidates still queued or training are cancelled."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        for run in runs.values():
+            try:
+                if not client.read_flow_run(run.id).state.is_final():
+                    client.set_flow_run_state(run.id, Cancelling(), force=True)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
 
 
 @task(name="install-best")
@@ -42,9 +178,10 @@ def install_best(root: str, winner: dict) -> list[str]:
 
 @flow(name="mnist-sweep", log_prints=True, flow_run_name=run_name)
 def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bool = True,
-               lock_wait_seconds: float = 0, trigger: str = "sweep") -> dict:
+               lock_wait_seconds: float = 0, trigger: str = "sweep", pool: str | None = None) -> dict:
     """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
-    MLflow run; only the best (val and robust-val accuracy) is evaluated, gated and packaged."""
+    MLflow run, one after another here or all at once on the workers of `pool`; only the best
+    (val and robust-val accuracy) is evaluated, gated and packaged."""
     from mnist_mlops.platform.locking import pipeline_lock
     from mnist_mlops.platform.tracking import run_tags
     from mnist_mlops.training import sweep
@@ -53,20 +190,30 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
     paths = Paths(Path(root))
     params = load_params(paths.root)
     combos = sweep.combinations(paths.root, grid)
+    deployment = deploy_candidates(pool) if pool else None  # a missing pool or worker fails before any work
     with pipeline_lock(paths.lock, wait_seconds=lock_wait_seconds):
         summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
                    **versioned_data(root, params)}
         stage.with_options(name="prepare")(root, "prepare")
         stage.with_options(name="robustness")(root, "robustness")  # the candidates score on robust-val
         parent = sweep.start_parent(paths.root, list(grid or []), combos,
-                                    run_tags(paths, summary["data source"]))
+                                    {**run_tags(paths, summary["data source"]), "sweep.pool": pool or "none"})
         paths.artifacts.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".sweep-", dir=paths.artifacts))
-        winner = None
+        winner, failed = None, []
         try:
-            cands = [candidate.with_options(name=f"candidate-{i}")(root, i, combo, parent, str(work / f"c{i}"))
-                     for i, combo in enumerate(combos)]
-            winner = sweep.best([sweep.Candidate(**c) for c in cands])
+            if pool:
+                finished, failed = fan_out(paths.root, pool, deployment, combos, parent)
+                if not finished:
+                    raise UserError("no sweep candidate finished: " + "; ".join(
+                        f"candidate-{f['index']} ({' '.join(f['overrides'])}): {f['message']}" for f in failed))
+                winner = sweep.best(finished)
+                winner = replace(winner, workdir=str(sweep.fetch_outputs(paths.root, winner.run_id, work / "winner")))
+                cands = [asdict(c) for c in finished]
+            else:
+                cands = [candidate.with_options(name=f"candidate-{i}")(root, i, combo, parent, str(work / f"c{i}"))
+                         for i, combo in enumerate(combos)]
+                winner = sweep.best([sweep.Candidate(**c) for c in cands])
             install_best(root, asdict(winner))
             evaluated = stage.with_options(name="evaluate")(root, "evaluate")
             gate = promote(root, load_params(paths.root).evaluate.min_accuracy)
@@ -77,7 +224,10 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
         finally:
             sweep.cleanup(work)
         summary |= {
-            "candidates": len(cands),
+            "candidates": f"{len(cands)} of {len(combos)} finished" if failed else len(cands),
+            **({"work pool": pool} if pool else {}),
+            **({"failed candidates": "; ".join(f"candidate-{f['index']}: {f['message']}" for f in failed)}
+               if failed else {}),
             "best": winner.label,
             "best val accuracy": f"{winner.val_accuracy:.4f}",
             "best robust val accuracy": f"{winner.robust_val_accuracy:.4f}",
@@ -91,7 +241,10 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                   "robust_val_accuracy": round(c["robust_val_accuracy"], 4),
                   "score": round((c["val_accuracy"] + c["robust_val_accuracy"]) / 2, 4),
                   "val_loss": round(c["val_loss"], 4), "run_id": c["run_id"],
-                  "best": c["run_id"] == winner.run_id} for c in cands]
+                  "best": c["run_id"] == winner.run_id, "failed": ""} for c in cands]
+        table += [{"combination": " ".join(f["overrides"]), "val_accuracy": None, "robust_val_accuracy": None,
+                   "score": None, "val_loss": None, "run_id": "", "best": False, "failed": f["message"]}
+                  for f in failed]
         create_table_artifact(table=table, key="sweep-candidates",
                               description="sweep candidates: score = mean of val and robust-val accuracy")
         create_markdown_artifact(markdown=summary_markdown(summary).replace("MNIST training run", "MNIST sweep"),

@@ -33,15 +33,23 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    ARTIFACT_BUCKET,
+    BIN,
+    DVC_BUCKET,
     FAST_PARAMS,
+    LOOPBACK,
     MLFLOW_PROCESS_STATE,
+    S3,
+    S3_CREDENTIALS,
     TELEMETRY_OFF,
     Postgres,
     Project,
     Server,
+    free_port,
     make_project,
     postgres_cluster,
     serving,
+    start_server,
 )
 
 os.environ.update(TELEMETRY_OFF)
@@ -127,3 +135,58 @@ def postgres() -> Iterator[Postgres]:
     """One throwaway PostgreSQL cluster for the session; each user creates its own database."""
     with postgres_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """moto's S3 on a free loopback port with the MLflow artifact and DVC buckets."""
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    srv = start_server([str(BIN / "moto_server"), "-H", LOOPBACK, "-p", str(port)], Path.cwd(), dict(os.environ),
+                       tmp_path_factory.mktemp("moto") / "moto.log", f"{url}/", timeout=120)
+    try:
+        store = S3(url)
+        for bucket in (ARTIFACT_BUCKET, DVC_BUCKET):
+            store.client().create_bucket(Bucket=bucket)
+        yield store
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: S3, postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` as a team runs it: runs and registry in PostgreSQL, artifacts proxied to
+    s3://mlflow-artifacts, two workers (two requests of one run may reach different processes).
+    Shared: tests that use it find each other's runs and versions and must count, not assume."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_PROCESS_STATE}
+    env |= {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.create_database("mlflow"),
+           "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlartifacts",
+           "--host", LOOPBACK, "--port", str(port), "--workers", "2"]
+    url = f"http://{LOOPBACK}:{port}"
+    srv = start_server(cmd, tmp, env, tmp / "server.log", f"{url}/health", timeout=240)
+    try:
+        yield url
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`prefect server start` on PostgreSQL (asyncpg), on loopback: its API URL. Shared like
+    `mlflow_server`."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    url = f"http://{LOOPBACK}:{port}"
+    postgres.create_database("prefect")
+    env = {**os.environ, "PREFECT_HOME": str(tmp), "PREFECT_UI_API_URL": f"{url}/api",
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres.dsn("prefect", driver="postgresql+asyncpg")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    srv = start_server(cmd, tmp, env, tmp / "server.log", f"{url}/api/health", timeout=300)
+    try:
+        yield f"{url}/api"
+    finally:
+        srv.stop()

@@ -25,9 +25,10 @@ from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import LOOPBACK, free_port, start_group, stop_group, wait_http
 from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
-__all__ = ["BIN", "FAST_PARAMS", "LOOPBACK", "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL",
-           "TELEMETRY_OFF", "Postgres", "Project", "Server", "copy_project", "free_port", "make_project",
-           "postgres_cluster", "serving", "start_server", "stop_group"]
+__all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
+           "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
+           "Server", "copy_project", "free_port", "make_project", "postgres_cluster", "serving", "start_server",
+           "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -344,3 +345,27 @@ def _wait_postgres(cluster: Postgres, tmp: Path, timeout: float = 60) -> None:
                 raise AssertionError(f"PostgreSQL did not start: {exc}\n"
                                      f"{(tmp / 'supervisor.log').read_text(errors='replace')[-3000:]}") from None
             time.sleep(0.3)
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+ARTIFACT_BUCKET, DVC_BUCKET = "mlflow-artifacts", "dvc-store"
+
+
+@dataclass
+class S3:
+    """moto's S3 server (the `s3` fixture): an S3-compatible object store on loopback."""
+
+    endpoint: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]

@@ -6,10 +6,8 @@ from that server."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,69 +15,10 @@ import numpy as np
 import pytest
 
 from mnist_mlops.config import write_params
-from mnist_mlops.errors import UserError
-from mnist_mlops.platform.processes import start_group, stop_group, wait_http
 
-from helpers import BIN, SMALL_MODEL, free_port, serving
+from helpers import ARTIFACT_BUCKET, DVC_BUCKET, S3_CREDENTIALS, SMALL_MODEL, serving
 
 pytestmark = pytest.mark.slow
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-ARTIFACT_BUCKET, DVC_BUCKET = "mlflow-artifacts", "dvc-store"
-
-
-@dataclass
-class S3:
-    endpoint: str
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
-
-    def keys(self, bucket: str) -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 on a free loopback port, in its own process group, killed at the end."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = start_group([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", proc, timeout=120)
-        store = S3(f"http://127.0.0.1:{port}")
-        for bucket in (ARTIFACT_BUCKET, DVC_BUCKET):
-            store.client().create_bucket(Bucket=bucket)
-        yield store
-    finally:
-        stop_group(proc)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(s3, postgres, tmp_path_factory):
-    """`mlflow server`: runs and registry in PostgreSQL, artifacts proxied to s3://mlflow-artifacts,
-    two workers (so two requests of one run may land on different processes)."""
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.create_database("mlflow"),
-           "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlartifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    proc = start_group(cmd, tmp / "server.log", env, cwd=tmp)
-    try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=240, ok=lambda s: s == 200)
-        except UserError as exc:
-            pytest.fail(f"mlflow server: {exc}\n{(tmp / 'server.log').read_text(errors='replace')[-4000:]}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc)
-
 
 def api(base: str, method: str, path: str, **kw) -> dict:
     resp = httpx.request(method, f"{base}/api/2.0/mlflow/{path}", timeout=60, **kw)
@@ -90,7 +29,7 @@ def api(base: str, method: str, path: str, **kw) -> dict:
 @pytest.mark.timeout(900)
 def test_pipeline_logs_to_a_remote_mlflow_server(project, s3, mlflow_server, tmp_path):
     write_params(project.root, [*SMALL_MODEL, "serve.follow_seconds=1"])
-    project.env.update(CREDENTIALS | {"MLFLOW_TRACKING_URI": mlflow_server})
+    project.env.update(S3_CREDENTIALS | {"MLFLOW_TRACKING_URI": mlflow_server})
     project.run("dvc", "remote", "add", "-d", "shared", f"s3://{DVC_BUCKET}/mnist")
     project.run("dvc", "remote", "modify", "shared", "endpointurl", s3.endpoint)
     project.run("git", "commit", "-qam", "small model, DVC remote on S3")

@@ -4,14 +4,23 @@ winning params land in params.yaml and dvc.lock, so `dvc status` is clean afterw
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
 import pytest
 import yaml
 
 from mnist_mlops.config import write_params
 from mnist_mlops.errors import UserError
+from mnist_mlops.platform.processes import start_group, stop_group
 from mnist_mlops.training.sweep import Candidate, best, parse_grid, split_values
 
-from helpers import SMALL_MODEL
+from helpers import BIN, SMALL_MODEL
 
 
 def test_grid_parsing():
@@ -83,3 +92,120 @@ def test_sweep_two_by_one(project):
     status = project.run("dvc", "status")
     assert "up to date" in status.stdout, status.stdout
     assert not list((project.root / "artifacts").glob(".sweep-*"))  # candidates' work dirs removed
+
+
+# --------------------------------------------------------------------------- fanned out over a work pool
+
+
+def start_worker(project, env: dict, pool: str, name: str, cpu: int, log: Path):
+    """`prefect worker start` as a user starts one, pinned to one CPU (`taskset`), in its own group."""
+    cmd = ["taskset", "-c", str(cpu), str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name,
+           "--limit", "1", "--type", "process"]
+    return start_group(cmd, log, {**env, "MNIST_MLOPS_CHECKOUT": str(project.root)}, cwd=project.root)
+
+
+def online_workers(api: str, pool: str) -> set[str]:
+    resp = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=30)
+    resp.raise_for_status()
+    return {w["name"] for w in resp.json() if w["status"] == "ONLINE"}
+
+
+def candidate_flow_runs(api: str, pool: str) -> list[dict]:
+    body = {"deployments": {"name": {"any_": [pool]}}, "flows": {"name": {"any_": ["mnist-sweep-candidate"]}}}
+    resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def the_worker_process(supervisor) -> psutil.Process:
+    """The `prefect worker` itself (taskset execs it), under the supervisor that leads its group."""
+    return next(p for p in psutil.Process(supervisor.pid).children() if "worker" in p.cmdline())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sweep_on_a_work_pool_two_workers_one_killed(project, prefect_server, mlflow_server, tmp_path):
+    """Three candidates over two real `prefect worker` processes (one CPU each) on PostgreSQL-backed
+    Prefect and MLflow servers; one worker is SIGKILLed while it trains: its candidate fails
+    visibly, the other worker trains the rest, and the best of those is the one new version."""
+    write_params(project.root, SMALL_MODEL)
+    project.run("git", "commit", "-qam", "small model")
+    pool = f"sweep-{uuid.uuid4().hex[:8]}"
+    env = {**project.env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_server,
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    project.env = env
+    created = project.run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
+    assert pool in created.stdout
+    cpus = sorted(os.sched_getaffinity(0))
+    workers = {name: start_worker(project, env, pool, name, cpus[i % len(cpus)], tmp_path / f"{name}.log")
+               for i, name in enumerate(("worker-a", "worker-b"))}
+    client = project.mlflow_client()
+    sweep_log = tmp_path / "sweep.log"
+    sweep = None
+    try:
+        deadline = time.monotonic() + 180
+        while online_workers(prefect_server, pool) != set(workers):
+            assert time.monotonic() < deadline, (tmp_path / "worker-b.log").read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        with sweep_log.open("wb") as out:
+            sweep = subprocess.Popen([str(BIN / "mnist-mlops"), "sweep", "--pool", pool, "--no-package", "--grid",
+                                      "train.learning_rate=0.0005,0.001,0.003"], cwd=project.root, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT)
+
+        # worker-b dies (SIGKILL) while it trains a candidate: its child run exists and is RUNNING
+        def training_on_b():
+            runs = client.search_runs(client.get_experiment_by_name("mnist-convnet").experiment_id
+                                      if client.get_experiment_by_name("mnist-convnet") else [],
+                                      "tags.`sweep.worker` = 'worker-b' and attributes.status = 'RUNNING'")
+            return runs[0] if runs else None
+
+        deadline = time.monotonic() + 400
+        while (victim := training_on_b()) is None:
+            assert sweep.poll() is None, sweep_log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, sweep_log.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
+        the_worker_process(workers["worker-b"]).kill()
+        sweep.wait(timeout=900)
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            sweep.kill()
+        for proc in workers.values():
+            stop_group(proc)
+    out = sweep_log.read_text(errors="replace")
+    assert sweep.returncode == 0, out[-5000:]
+
+    # one parent run; three children over both workers, each pinned to one CPU; the killed one KILLED
+    exp = client.get_experiment_by_name("mnist-convnet").experiment_id
+    parents = client.search_runs([exp], f"tags.`sweep.pool` = '{pool}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3, [(c.info.run_id, c.info.status) for c in children]
+    assert {c.data.tags["sweep.worker"] for c in children} == {"worker-a", "worker-b"}
+    if len(cpus) > 1:
+        assert {c.data.tags["sweep.threads"] for c in children} == {"1"}
+        assert {c.data.tags["sweep.worker"]: c.data.tags["sweep.cpus"] for c in children} == {
+            "worker-a": str(cpus[0]), "worker-b": str(cpus[1])}
+    killed = next(c for c in children if c.info.run_id == victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2 and {c.data.tags["sweep.worker"] for c in finished} == {"worker-a"}
+
+    # the Prefect side: three candidate flow runs, sub-flows of the sweep; the killed one Failed, saying why
+    runs = candidate_flow_runs(prefect_server, pool)
+    assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED", "FAILED"], runs
+    failed = next(r for r in runs if r["state_type"] == "FAILED")
+    assert "died mid-training" in failed["state"]["message"], failed["state"]
+    assert all(r["parent_task_run_id"] for r in runs)
+    assert "failed" in out and "died mid-training" in out
+
+    # the best of the finished two, and only it, became a model version; never the half-trained one
+    winner = max(finished, key=lambda c: c.data.metrics["val_accuracy"] + c.data.metrics["robust_val_accuracy"])
+    assert parent.data.tags["sweep.best_run_id"] == winner.info.run_id
+    ours = [v for v in client.search_model_versions("name='mnist-convnet'")
+            if v.run_id in {c.info.run_id for c in children}]
+    assert [v.run_id for v in ours] == [winner.info.run_id]
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    assert str(params["train"]["learning_rate"]) == winner.data.params["train.learning_rate"]
+    assert "up to date" in project.run("dvc", "status").stdout
+    assert not list((project.root / "artifacts").glob(".sweep-*"))

@@ -435,6 +435,9 @@ def sweep(
                                             help="section.key=v1,v2 (repeatable): every combination is trained.")],
     set_: SetOption = None,
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
+    pool: Annotated[str | None, typer.Option(
+        help="Train the candidates at once, as flow runs on this Prefect work pool (its workers, on any "
+             "machines); needs PREFECT_API_URL.")] = None,
 ) -> None:
     """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
     from mnist_mlops.config import Paths, load_params, write_params
@@ -444,7 +447,10 @@ def sweep(
     root = _root()
     load_params(root, set_)
     combos = combinations(root, grid, base=set_)
-    err_console.print(f"sweep: {len(combos)} combinations")
+    if pool is not None and not os.environ.get("PREFECT_API_URL"):
+        raise UserError("--pool needs the Prefect server the pool's workers poll: "
+                        "export PREFECT_API_URL=http://HOST:4200/api")
+    err_console.print(f"sweep: {len(combos)} combinations" + (f" on work pool {pool}" if pool else ""))
     with pipeline_lock(Paths(root).lock):
         from mnist_mlops.platform import prefect_server
 
@@ -455,16 +461,24 @@ def sweep(
         from pipelines.sweep import sweep_flow
 
         with prefect_server.api(server):
-            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package)
+            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool)
+    console.print(leaderboard(summary.pop("leaderboard")))
+    print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
+
+
+def leaderboard(rows: list[dict]) -> Table:
+    """The sweep's candidates, the winner starred; failed candidates say why."""
     board = Table(title="sweep candidates (chosen by score: the mean of val and robust-val accuracy)",
                   title_justify="left")
     for column in ("combination", "val accuracy", "robust val accuracy", "score", "val loss", "MLflow run", "best"):
         board.add_column(column)
-    for row in summary.pop("leaderboard"):
+    for row in rows:
+        if row.get("failed"):
+            board.add_row(row["combination"], "failed", "", "", "", row["failed"], "")
+            continue
         board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['robust_val_accuracy']:.4f}",
                       f"{row['score']:.4f}", f"{row['val_loss']:.4f}", row["run_id"], "*" if row["best"] else "")
-    console.print(board)
-    print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
+    return board
 
 
 def _sigterm_as_interrupt(signum, frame) -> None:

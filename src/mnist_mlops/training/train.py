@@ -163,8 +163,9 @@ def log_datasets(paths: Paths) -> None:
         mlflow.log_input(dataset, context=context, tags=tags)
 
 
-def train(params: Params, paths: Paths) -> str:
-    """The `train` stage: fit, save the model and curves, log it all to a new MLflow run."""
+def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> str:
+    """The `train` stage: fit, save the model and curves, log it all to a new MLflow run
+    (with `tags` beside the lineage tags: a sweep candidate says where it trains)."""
     import mlflow
 
     from mnist_mlops.platform.tracking import (
@@ -182,7 +183,7 @@ def train(params: Params, paths: Paths) -> str:
     parent = os.environ.get(PARENT_RUN_ENV) or None  # a sweep's child run (see sweep.py)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
-    with mlflow.start_run(tags=run_tags(paths, params.data.source), parent_run_id=parent,
+    with mlflow.start_run(tags={**run_tags(paths, params.data.source), **(tags or {})}, parent_run_id=parent,
                           log_system_metrics=True) as run:
         mlflow.log_params(params.flat())
         log_datasets(paths)
