@@ -23,7 +23,16 @@ from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
 from mnist_mlops.errors import UserError
-from pipelines.training import gate_rows, package, promote, run_name, stage, summary_markdown, versioned_data
+from pipelines.training import (
+    gate_rows,
+    package,
+    promote,
+    quiet_user_error_tracebacks,
+    run_name,
+    stage,
+    summary_markdown,
+    versioned_data,
+)
 
 CANDIDATE_FLOW = "mnist-sweep-candidate"
 # Each worker runs candidates in its own checkout of the project (set where the worker runs).
@@ -54,6 +63,7 @@ def candidate_flow(index: int, overrides: list[str], parent_run_id: str, params:
     from mnist_mlops.platform.tracking import FLOW_RUN_ENV
     from mnist_mlops.training import sweep
 
+    quiet_user_error_tracebacks()
     checkout = Path(root).resolve()
     sweep.check_checkout(checkout, params, prepared)
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id())
@@ -186,6 +196,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
     from mnist_mlops.platform.tracking import run_tags
     from mnist_mlops.training import sweep
 
+    quiet_user_error_tracebacks()
     root = str(Path(root).resolve())
     paths = Paths(Path(root))
     params = load_params(paths.root)

@@ -1,6 +1,7 @@
-"""`mnist-mlops schedule` on a real Prefect server: scheduled runs complete, a scheduled run
-over unchanged inputs trains nothing, a manual run during a scheduled one is refused
-cleanly, prefect.yaml deploys to a work pool, and Ctrl-C leaves no process behind."""
+"""`mnist-mlops schedule` on a shared Prefect server on PostgreSQL (PREFECT_API_URL): scheduled
+runs complete, a scheduled run over unchanged inputs trains nothing, a manual run during a
+scheduled one is refused cleanly, the monitor deployment runs, prefect.yaml deploys to a work
+pool, and Ctrl-C pauses the schedule and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
 
-from helpers import BIN, SMALL_MODEL, click_text, free_port, page_text, wait_text
+from helpers import BIN, SMALL_MODEL, click_text, page_text, wait_text
 
 pytestmark = pytest.mark.slow
 
@@ -78,19 +79,20 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, what:
 
 
 @pytest.mark.timeout(900)
-def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
+def test_scheduled_runs_on_a_real_prefect_server(project, prefect_server, browser, tmp_path):
     write_params(project.root, SMALL_MODEL)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    api = prefect_server
     marker = uuid.uuid4().hex
-    env = {**project.env, "MNIST_MLOPS_TEST_MARKER": marker, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    env = {**project.env, "MNIST_MLOPS_TEST_MARKER": marker, "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "PREFECT_API_URL": api}
+    project.env = env  # manual runs and the prefect CLI below use the same server
     log = project.root / "schedule.log"
     # like a terminal: the command leads its own process group; Ctrl-C reaches the whole group
-    proc = start_group([str(BIN / "mnist-mlops"), "schedule", "--interval", str(INTERVAL), "--port", str(port),
-                        "--no-package", "--lock-wait", "0"], log, env, cwd=project.root)
+    proc = start_group([str(BIN / "mnist-mlops"), "schedule", "--interval", str(INTERVAL), "--no-package",
+                        "--lock-wait", "0"], log, env, cwd=project.root)
     try:
         wait_for(lambda: "Prefect server" in log.read_text(errors="replace"), 240, proc, log, "the server")
-        assert f"http://127.0.0.1:{port}" in log.read_text(errors="replace")
+        assert f"{api.removesuffix('/api')} (PREFECT_API_URL)" in log.read_text(errors="replace")
 
         # the first scheduled run starts (and trains: the project is new)
         first = wait_for(lambda: next((r for r in flow_runs(api, "scheduled") if r["state_type"] == "RUNNING"), None),
@@ -102,6 +104,14 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
         monitor = resp.json()
         assert monitor["schedules"][0]["schedule"]["interval"] == 3600
         assert monitor["parameters"]["training_deployment"] == "mnist-training/scheduled"
+        # and it runs (started by hand now, so the runner takes it right after the first training run)
+        started = httpx.post(f"{api}/deployments/{monitor['id']}/create_flow_run", json={}, timeout=30)
+        started.raise_for_status()
+
+        def monitor_done():
+            resp = httpx.get(f"{api}/flow_runs/{started.json()['id']}", timeout=30)
+            resp.raise_for_status()
+            return resp.json() if resp.json()["state_type"] in {"COMPLETED", "FAILED", "CRASHED"} else None
 
         # meanwhile: a manual run over the same project is refused cleanly (or waits its turn)
         manual = project.cli("run", "--no-package", check=False, timeout=600)
@@ -143,8 +153,11 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
         assert "| promoted | yes |" in first_summary + second_summary
         assert done[0]["name"].startswith("schedule · data "), done[0]["name"]
 
-        # The Prefect UI on this (non-default) port works: the deployment, a run's tasks and summary.
-        ui = f"http://127.0.0.1:{port}"
+        monitored = wait_for(monitor_done, 300, proc, log, "the monitor run")
+        assert monitored["state_type"] == "COMPLETED", monitored["state"]
+
+        # The Prefect UI of the shared server works: the deployment, a run's tasks and summary.
+        ui = api.removesuffix("/api")
         body = page_text(browser, f"{ui}/deployments", "scheduled")
         browser.save_screenshot(str(tmp_path / "prefect-deployments.png"))
         assert "scheduled" in body and "mnist-training" in body, body[:2000]
@@ -176,9 +189,13 @@ def test_scheduled_runs_on_a_real_prefect_server(project, browser, tmp_path):
     assert "schedule stopped" in output
     assert "Traceback" not in output.split("schedule stopped")[-1]
     assert left == [], f"processes left behind: {left}"
-    with httpx.Client() as client, pytest.raises(httpx.HTTPError):
-        client.get(f"{api}/health", timeout=3)
+    # the shared server stays up, with the schedule paused on it
+    resp = httpx.get(f"{api}/deployments/name/mnist-training/scheduled", timeout=30)
+    resp.raise_for_status()
+    assert resp.json()["paused"] is True, resp.json()
     client = project.mlflow_client()
+    monitoring = client.get_experiment_by_name("mnist-monitoring")
+    assert monitoring is not None and client.search_runs([monitoring.experiment_id])  # the monitor's run
     versions = client.search_model_versions("name='mnist-convnet'")
     assert len(versions) == 1  # two (or three) runs, one training, one version
     assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == str(versions[0].version)

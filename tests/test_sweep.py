@@ -1,11 +1,15 @@
 """`mnist-mlops sweep`: a 2×1 grid gives one parent run and two child runs; only the best
 by validation accuracy is evaluated, registered (at most one new version) and gated; the
-winning params land in params.yaml and dvc.lock, so `dvc status` is clean afterwards."""
+winning params land in params.yaml and dvc.lock, so `dvc status` is clean afterwards.
+Fanned out (`--pool`) over two real `prefect worker` processes, a SIGKILLed worker fails only
+its own candidate, and a sweep left with no finished candidate fails in one line."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,12 +19,12 @@ import psutil
 import pytest
 import yaml
 
-from mnist_mlops.config import write_params
+from mnist_mlops.config import load_params, write_params
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import start_group, stop_group
-from mnist_mlops.training.sweep import Candidate, best, parse_grid, split_values
+from mnist_mlops.training.sweep import Candidate, best, check_checkout, parse_grid, prepared_md5s, split_values
 
-from helpers import BIN, SMALL_MODEL
+from helpers import BIN, REPO, SMALL_MODEL
 
 
 def test_grid_parsing():
@@ -44,6 +48,28 @@ def test_best_is_by_val_and_robust_val_accuracy_then_val_loss_then_grid_order():
     # the best on clean val data alone loses to one that reads corrupted digits much better
     assert best([cand(0, 0.97, 0.1, 0.80), cand(1, 0.96, 0.2, 0.90)]).index == 1
     assert cand(1, 0.96, 0.2, 0.90).score == pytest.approx(0.93)
+
+
+def test_a_worker_checkout_must_hold_the_sweeps_params_and_prepared_data(tmp_path):
+    """What a candidate checks first on its worker: one line naming the difference, before training."""
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    lock = {"stages": {"prepare": {"outs": [{"path": "artifacts/prepared", "md5": "a" * 32 + ".dir"}]},
+                       "robustness": {"outs": [{"path": "artifacts/robust", "md5": "b" * 32 + ".dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    params, prepared = load_params(tmp_path).model_dump(mode="json"), prepared_md5s(tmp_path)
+    assert prepared == {"artifacts/prepared": "a" * 32 + ".dir", "artifacts/robust": "b" * 32 + ".dir"}
+    check_checkout(tmp_path, params, prepared)  # the sweep's own checkout
+    other = {**params, "train": {**params["train"], "epochs": 99}}
+    with pytest.raises(UserError, match=rf"has train.epochs={params['train']['epochs']}, the sweep 99: commit"):
+        check_checkout(tmp_path, other, prepared)
+    with pytest.raises(UserError, match=r"other artifacts/robust than the sweep \(b+\.dir vs c+\.dir\)"):
+        check_checkout(tmp_path, params, {**prepared, "artifacts/robust": "c" * 32 + ".dir"})
+
+
+def test_a_candidate_outside_a_worker_watches_its_parent_only():
+    code = "from mnist_mlops.platform.processes import ancestors; print(ancestors())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"[{os.getpid()}]"
 
 
 def test_bad_grid_value_fails_before_any_work(project):
@@ -141,7 +167,7 @@ def test_sweep_on_a_work_pool_two_workers_one_killed(project, prefect_server, ml
                for i, name in enumerate(("worker-a", "worker-b"))}
     client = project.mlflow_client()
     sweep_log = tmp_path / "sweep.log"
-    sweep = None
+    sweep = second = None
     try:
         deadline = time.monotonic() + 180
         while online_workers(prefect_server, pool) != set(workers):
@@ -153,31 +179,52 @@ def test_sweep_on_a_work_pool_two_workers_one_killed(project, prefect_server, ml
                                      stdout=out, stderr=subprocess.STDOUT)
 
         # worker-b dies (SIGKILL) while it trains a candidate: its child run exists and is RUNNING
-        def training_on_b():
-            runs = client.search_runs(client.get_experiment_by_name("mnist-convnet").experiment_id
-                                      if client.get_experiment_by_name("mnist-convnet") else [],
-                                      "tags.`sweep.worker` = 'worker-b' and attributes.status = 'RUNNING'")
-            return runs[0] if runs else None
+        def training_on(worker: str, exclude: set[str] | None = None):
+            exp = client.get_experiment_by_name("mnist-convnet")
+            runs = client.search_runs([exp.experiment_id] if exp else [],
+                                      f"tags.`sweep.worker` = '{worker}' and attributes.status = 'RUNNING'")
+            return next((r for r in runs if r.info.run_id not in (exclude or set())), None)
 
         deadline = time.monotonic() + 400
-        while (victim := training_on_b()) is None:
+        while (victim := training_on("worker-b")) is None:
             assert sweep.poll() is None, sweep_log.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, sweep_log.read_text(errors="replace")[-4000:]
             time.sleep(0.5)
         the_worker_process(workers["worker-b"]).kill()
         sweep.wait(timeout=900)
+        out = sweep_log.read_text(errors="replace")
+        assert sweep.returncode == 0, out[-5000:]
+
+        # a sweep whose only candidate loses its worker fails with one line, and changes nothing
+        before = (project.root / "params.yaml").read_text()
+        known = {r.info.run_id for r in client.search_runs([victim.info.experiment_id])}
+        second_log = tmp_path / "sweep2.log"
+        with second_log.open("wb") as out2:
+            second = subprocess.Popen([str(BIN / "mnist-mlops"), "sweep", "--pool", pool, "--no-package", "--grid",
+                                       "train.learning_rate=0.002"], cwd=project.root, env=env, stdout=out2,
+                                      stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 400
+        while not training_on("worker-a", exclude=known):
+            assert second.poll() is None and time.monotonic() < deadline, second_log.read_text()[-3000:]
+            time.sleep(0.5)
+        the_worker_process(workers["worker-a"]).kill()
+        second.wait(timeout=600)
+        err = second_log.read_text(errors="replace")
     finally:
-        if sweep is not None and sweep.poll() is None:
-            sweep.kill()
+        for proc in (sweep, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
         for proc in workers.values():
             stop_group(proc)
-    out = sweep_log.read_text(errors="replace")
-    assert sweep.returncode == 0, out[-5000:]
+    assert second.returncode == 2, err[-3000:]
+    assert "no sweep candidate finished: candidate-0 (train.learning_rate=0.002): " in err
+    assert "died mid-training" in err and "Traceback" not in err
+    assert (project.root / "params.yaml").read_text() == before
 
     # one parent run; three children over both workers, each pinned to one CPU; the killed one KILLED
     exp = client.get_experiment_by_name("mnist-convnet").experiment_id
-    parents = client.search_runs([exp], f"tags.`sweep.pool` = '{pool}'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parents = client.search_runs([exp], f"tags.`sweep.pool` = '{pool}'", order_by=["attributes.start_time ASC"])
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
     parent = parents[0]
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3, [(c.info.run_id, c.info.status) for c in children]
@@ -192,7 +239,8 @@ def test_sweep_on_a_work_pool_two_workers_one_killed(project, prefect_server, ml
     assert len(finished) == 2 and {c.data.tags["sweep.worker"] for c in finished} == {"worker-a"}
 
     # the Prefect side: three candidate flow runs, sub-flows of the sweep; the killed one Failed, saying why
-    runs = candidate_flow_runs(prefect_server, pool)
+    runs = [r for r in candidate_flow_runs(prefect_server, pool)
+            if r["parameters"]["parent_run_id"] == parent.info.run_id]
     assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED", "FAILED"], runs
     failed = next(r for r in runs if r["state_type"] == "FAILED")
     assert "died mid-training" in failed["state"]["message"], failed["state"]
@@ -202,8 +250,10 @@ def test_sweep_on_a_work_pool_two_workers_one_killed(project, prefect_server, ml
     # the best of the finished two, and only it, became a model version; never the half-trained one
     winner = max(finished, key=lambda c: c.data.metrics["val_accuracy"] + c.data.metrics["robust_val_accuracy"])
     assert parent.data.tags["sweep.best_run_id"] == winner.info.run_id
+    sweeps = {r.info.run_id for r in client.search_runs([exp], "tags.`sweep.pool` = '" + pool + "'")}
+    assert len(sweeps) == 2  # and the second one FAILED, with nothing of it registered:
     ours = [v for v in client.search_model_versions("name='mnist-convnet'")
-            if v.run_id in {c.info.run_id for c in children}]
+            if client.get_run(v.run_id).data.tags.get("mlflow.parentRunId") in sweeps]
     assert [v.run_id for v in ours] == [winner.info.run_id]
     params = yaml.safe_load((project.root / "params.yaml").read_text())
     assert str(params["train"]["learning_rate"]) == winner.data.params["train.learning_rate"]

@@ -5,6 +5,10 @@ Every helper runs under `mnist_mlops.platform.supervise`, a tiny process that le
 helper's group and ends the whole group as soon as its parent is gone, whether the parent
 exited, was interrupted, was sent SIGTERM or was SIGKILLed (Linux parent-death signal, plus
 a parent-pid check as a fallback). No heavy imports here: starting a helper costs nothing.
+
+The other way round, a flow run started by a `prefect worker` outlives a killed worker:
+`ancestors` and `alive` let it notice (a sweep candidate then stops and says so), and
+`detach_output` keeps it from dying on the dead worker's output pipe before it can.
 """
 
 from __future__ import annotations
@@ -165,3 +169,42 @@ def run_in_foreground(cmd: list[str], cwd: Path | None = None, env: Mapping[str,
     finally:
         if proc.poll() is None:
             stop_group(proc)
+
+
+# --------------------------------------------------------------------------- a worker's flow runs
+
+
+def ancestors() -> list[int]:
+    """The processes between this one and the `prefect worker` that started it, the worker
+    last (from /proc); just the parent when no worker is found among the ancestors."""
+    chain, pid = [], os.getppid()
+    while pid > 1:
+        chain.append(pid)
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"worker" in args and any(a.endswith(b"prefect") for a in args):
+                return chain
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return chain[:1]
+
+
+def detach_output() -> None:
+    """The worker that read this process's output is gone: the next write to its pipe would
+    end the flow run with "aborted by system exit" before it could say why. Output goes to
+    /dev/null from here; Prefect still sends the run's logs and final state to its API."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

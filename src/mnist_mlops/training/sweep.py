@@ -198,6 +198,7 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
     reach the parent's machine). `stop_with_parent`: this process runs under a worker; if
     the worker dies, the candidate is stopped, its MLflow run marked FAILED, and it fails
     (a worker's flow runs outlive it otherwise, and nobody would report them)."""
+    from mnist_mlops.platform.processes import alive, ancestors, detach_output
     from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -242,42 +243,6 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
     return Candidate(index=index, overrides=overrides, run_id=result["run_id"],
                      val_accuracy=result["val_accuracy"], val_loss=result["val_loss"], workdir=str(workdir),
                      robust_val_accuracy=result["robust_val_accuracy"])
-
-
-def ancestors() -> list[int]:
-    """The processes between this one and the `prefect worker` that started it, the worker
-    last (from /proc); just the parent when no worker is found among the ancestors."""
-    chain, pid = [], os.getppid()
-    while pid > 1:
-        chain.append(pid)
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"worker" in args and any(a.endswith(b"prefect") for a in args):
-                return chain
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return chain[:1]
-
-
-def detach_output() -> None:
-    """The worker that read this process's output is gone: the next write to its pipe would
-    end the flow run with "aborted by system exit" before it could say why. Output goes to
-    /dev/null from here; Prefect still sends the run's logs and final state to its API."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stop(proc: subprocess.Popen) -> None:
