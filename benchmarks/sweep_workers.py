@@ -117,7 +117,9 @@ def main() -> None:
         wait_http(f"{api}/health", server, timeout=300, ok=lambda s: s == 200)
         print(f"project {root}; {args.candidates} candidates ({grid}), {args.epochs} epochs; "
               f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
-        subprocess.run([str(BIN / "dvc"), "repro", "robustness"], cwd=root, env=env, check=True, capture_output=True)
+        # both sweeps start from fetched, prepared data (the first would otherwise pay for it alone)
+        for cmd in ([str(BIN / "mnist-mlops"), "fetch"], [str(BIN / "dvc"), "repro", "robustness"]):
+            subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
         one = sweep(root, env, api, "one-worker", [",".join(map(str, sorted(os.sched_getaffinity(0))))], grid, logs)
         print(f"1 worker, all CPUs:       sweep {one['wall']:6.1f} s, candidates {one['candidates']:6.1f} s",
               flush=True)

@@ -161,7 +161,8 @@ def mlflow_server(s3: S3, postgres: Postgres, tmp_path_factory: pytest.TempPathF
     port = free_port()
     tmp = tmp_path_factory.mktemp("mlflow-server")
     env = {k: v for k, v in os.environ.items() if k not in MLFLOW_PROCESS_STATE}
-    env |= {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    # no GenAI job runners (huey consumers): nothing here uses them, and they poll all session
+    env |= {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.create_database("mlflow"),
            "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlartifacts",
            "--host", LOOPBACK, "--port", str(port), "--workers", "2"]
