@@ -135,8 +135,9 @@ def fan_out(root: Path, pool: str, deployment: str, combos: list[list[str]],
 
 
 def wait_for_runs(pool: str, runs: dict) -> dict:
-    """Poll the candidates' flow runs until each is final; log every change. Candidates that
-    no worker will ever take (none polls the pool any more) are cancelled."""
+    """Poll the candidates' flow runs until each is final; log every change. If candidates are
+    still queued and no worker polls the pool any more, fail in one line (`fan_out` then
+    cancels what is left) rather than wait forever."""
     from prefect import get_client
 
     log = get_run_logger()
