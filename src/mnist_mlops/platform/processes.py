@@ -122,8 +122,13 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 def group_alive(pgid: int) -> bool:
+    return _exists(os.killpg, pgid)
+
+
+def _exists(send: Callable[[int, int], None], target: int) -> bool:
+    """Signal 0 through `send` (os.kill, os.killpg): whether `target` exists (ours or not)."""
     try:
-        os.killpg(pgid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -201,10 +206,4 @@ def detach_output() -> None:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _exists(os.kill, pid)
