@@ -196,7 +196,7 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
 
     `upload`: also log the model to the child run (a fanned-out candidate's outputs must
     reach the parent's machine). `stop_with_parent`: this process runs under a worker; if
-    the worker dies, the candidate is stopped, its MLflow run marked FAILED, and it fails
+    the worker dies, the candidate is stopped, its MLflow run marked KILLED, and it fails
     (a worker's flow runs outlive it otherwise, and nobody would report them)."""
     from mnist_mlops.platform.processes import alive, ancestors, detach_output
     from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
