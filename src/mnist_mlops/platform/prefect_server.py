@@ -173,3 +173,13 @@ def prefect_api(port: int = DEFAULT_UI_PORT) -> Iterator[tuple[str, PrefectServe
         yield wait_ready(server), server
     finally:
         server.stop()
+
+
+# A process worker tells each flow run its name through this variable. Prefect has no public
+# API for it; tests/test_library_contracts.py fails when Prefect renames it.
+WORKER_NAME_ENV = "PREFECT__WORKER_NAME"
+
+
+def worker_name(default: str = "local") -> str:
+    """The name of the Prefect worker running this flow run (`default` outside a worker)."""
+    return os.environ.get(WORKER_NAME_ENV, default)

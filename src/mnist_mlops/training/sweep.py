@@ -281,8 +281,10 @@ def placement() -> dict[str, str]:
 
     A worker started with `taskset -c 0-7` (or `CUDA_VISIBLE_DEVICES=1`) passes its share on
     to every candidate it runs; TensorFlow then sizes its thread pools to those CPUs."""
+    from mnist_mlops.platform.prefect_server import worker_name
+
     cpus = sorted(os.sched_getaffinity(0))
-    return {"sweep.worker": os.environ.get("PREFECT__WORKER_NAME", "local"),
+    return {"sweep.worker": worker_name(),
             "sweep.host": socket.gethostname(),
             "sweep.cpus": ",".join(map(str, cpus)),
             "sweep.threads": str(len(cpus)),
