@@ -311,7 +311,7 @@ def postgres_cluster(user: str = "mnist") -> Iterator[Postgres]:
         owner = pwd.getpwnam("postgres")
         os.chown(tmp, owner.pw_uid, owner.pw_gid)
         as_owner = ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups"]
-    data, log = tmp / "data", tmp / "postgres.log"
+    data, log = tmp / "data", tmp / "postgres.log"  # the server's output (it logs to stderr)
     try:
         subprocess.run([*as_owner, str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust",
                         "-E", "UTF8", "--no-sync", "--no-instructions"], check=True, capture_output=True,
@@ -320,10 +320,10 @@ def postgres_cluster(user: str = "mnist") -> Iterator[Postgres]:
         cmd = [*as_owner, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", LOOPBACK,
                "-k", str(tmp), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                "-c", "max_connections=200"]
-        proc = start_group(cmd, tmp / "supervisor.log", cwd=tmp)
+        proc = start_group(cmd, log, cwd=tmp)
         cluster = Postgres(port, user, proc, log)
         try:
-            _wait_postgres(cluster, tmp)
+            _wait_postgres(cluster)
             yield cluster
         finally:
             stop_group(proc)
@@ -331,7 +331,7 @@ def postgres_cluster(user: str = "mnist") -> Iterator[Postgres]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_postgres(cluster: Postgres, tmp: Path, timeout: float = 60) -> None:
+def _wait_postgres(cluster: Postgres, timeout: float = 60) -> None:
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -343,7 +343,7 @@ def _wait_postgres(cluster: Postgres, tmp: Path, timeout: float = 60) -> None:
         except psycopg.OperationalError as exc:
             if cluster.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"PostgreSQL did not start: {exc}\n"
-                                     f"{(tmp / 'supervisor.log').read_text(errors='replace')[-3000:]}") from None
+                                     f"{cluster.log.read_text(errors='replace')[-3000:]}") from None
             time.sleep(0.3)
 
 
