@@ -58,9 +58,79 @@ def test_retention_deletes_the_oldest_shards(tmp_path: Path) -> None:
     writer = shards.ShardWriter(tmp_path, "t", shard_bytes=4 * 784, max_total_bytes=10 * 1024)
     for i in range(40):
         writer.append([{"i": i}], digits(1, i))
-    assert shards.total_bytes(tmp_path, "t") <= 10 * 1024 + 4 * 900
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 10 * 1024 + 4 * 900
     kept = [r["i"] for r in shards.read(tmp_path, "t").records]
     assert kept == list(range(40 - len(kept), 40)) and 8 <= len(kept) < 40  # the newest, in order
+
+
+def disk_full(path: Path):
+    """Make appends to `path` fail as on a full disk (a real ENOSPC: a symlink to /dev/full);
+    returns a function that puts the file back as it was."""
+    saved = path.read_bytes()
+    path.unlink()
+    path.symlink_to("/dev/full")
+
+    def restore() -> None:
+        path.unlink()
+        path.write_bytes(saved)
+    return restore
+
+
+def test_a_failed_record_write_leaves_every_later_record_with_its_own_digit(tmp_path: Path) -> None:
+    """Disk full after the digits were written but before their records: the append is undone
+    and the shard retired, so every later record still points at its own digit."""
+    writer = shards.ShardWriter(tmp_path, "t", shard_bytes=1 << 20)
+    imgs = digits(12)
+    writer.append([{"i": i} for i in range(3)], imgs[:3])
+    restore = disk_full(shards.shard_stems(tmp_path, "t")[0].with_suffix(".jsonl"))
+    with pytest.raises(OSError, match="No space left"):
+        writer.append([{"i": i} for i in range(3, 6)], imgs[3:6])
+    restore()
+    for start in (6, 9):
+        writer.append([{"i": i} for i in range(start, start + 3)], imgs[start:start + 3])
+    batch = shards.read(tmp_path, "t")
+    got = [r["i"] for r in batch.records]
+    assert got == [0, 1, 2, 6, 7, 8, 9, 10, 11], got  # the failed batch is not there, nothing else lost
+    assert np.array_equal(batch.images, imgs[got]), "a record points at another record's digit"
+    assert batch.skipped == 0
+
+
+def test_two_writers_with_a_tiny_retention_limit_lose_nothing_from_a_live_shard(tmp_path: Path) -> None:
+    """Worker B (another process) writes one batch and keeps its shard open; worker A rotates
+    through many shards under a tiny limit. B's live shard is spared: its next batch lands
+    beside the first, each record with its own digit."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from mnist_mlops import shards\n"
+        f"w = shards.ShardWriter(sys.argv[1], 't', shard_bytes=1 << 20, max_total_bytes={8 * 1024})\n"
+        "for n in (0, 1):\n"
+        "    w.append([{'who': 'B', 'i': n}], np.full((1, 28, 28), 200 + n, np.uint8))\n"
+        "    print('written', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    b = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert b.stdout.readline().strip() == "written"
+        a = shards.ShardWriter(tmp_path, "t", shard_bytes=2 * 784, max_total_bytes=8 * 1024)
+        for i in range(30):
+            time.sleep(0.002)  # a new start time for each of A's shards
+            a.append([{"who": "A", "i": i}], digits(1, i))
+        b.stdin.write("\n")
+        b.stdin.flush()
+        assert b.stdout.readline().strip() == "written"
+        b.stdin.write("\n")
+        b.stdin.flush()
+        assert b.wait(timeout=30) == 0
+    finally:
+        b.kill()
+    batch = shards.read(tmp_path, "t")
+    from_b = [(r["i"], int(img[0, 0])) for r, img in zip(batch.records, batch.images, strict=True) if r["who"] == "B"]
+    assert from_b == [(0, 200), (1, 201)], from_b
+    assert len(shards.shard_stems(tmp_path, "t")) < 30, "retention still deletes A's closed shards"
 
 
 def test_prediction_log_records_what_the_model_saw_and_reads_a_window(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ in the `.u8` file. Why this format and not Parquet or SQLite:
 - Crash safety comes from the order of writes: the digits are written (and fsynced) before
   the records that point at them, and a reader only takes complete lines whose row is
   within the `.u8` file. A SIGKILL mid-write leaves at most a torn last line, which is
-  ignored; everything written before stays readable.
+  ignored; everything written before stays readable. A failed write (disk full, EIO) is
+  undone and its shard retired, so a later record never points at another one's digit.
 - Each writer (one per service worker) has shards of its own, named with its pid and start
-  time: no locks between processes, and rotation/retention delete whole files.
+  time: no locks between processes, and rotation/retention delete whole files, never a
+  shard that a running writer may still append to.
 - Reading a window back is one `json.loads` per line plus one `np.fromfile` per shard; DVC
   and tools see a few large files, never one file per digit.
 """
@@ -53,8 +55,13 @@ EMPTY = Batch([], np.zeros((0, 28, 28), np.uint8))
 class ShardWriter:
     """Appends batches to this process's current shard in `directory`; rotates by size.
 
-    Not thread-safe: one writer thread per process calls `append`.
+    Not thread-safe: one writer thread per process calls `append`. A row is taken from the
+    `.u8` file's real size, never from a counter, and an append that fails (a full disk, EIO,
+    a short write) is undone (both files truncated back) and the shard retired: the next
+    append starts a new one, so no later record can point at another record's digit.
     """
+
+    _live: set[Path] = set()  # the current shard of every writer in this process (retention spares them)
 
     def __init__(self, directory: Path, prefix: str, shard_bytes: int, max_total_bytes: int | None = None) -> None:
         self.directory = Path(directory)
@@ -62,50 +69,129 @@ class ShardWriter:
         self.shard_bytes = shard_bytes
         self.max_total_bytes = max_total_bytes
         self._stem: Path | None = None
-        self._rows = 0
 
     def _new_stem(self) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         return self.directory / f"{self.prefix}-{time.time_ns():020d}-{os.getpid()}"
 
+    def _retire(self) -> None:
+        if self._stem is not None:
+            ShardWriter._live.discard(self._stem)
+        self._stem = None
+
+    def _current(self) -> tuple[Path, int]:
+        """The shard to append to and its first free row (a new shard when full or unusable)."""
+        if self._stem is not None:
+            size = _size(self._stem.with_suffix(".u8"))
+            if size % DIGIT_BYTES == 0 and size < self.shard_bytes:
+                return self._stem, size // DIGIT_BYTES
+            self._retire()  # full, or holding a torn digit: never append after it
+        self._stem = self._new_stem()
+        ShardWriter._live.add(self._stem)
+        self._enforce_retention()
+        return self._stem, 0
+
     def append(self, records: list[dict], images: np.ndarray) -> None:
-        """Write the digits, then the records that point at them (each file fsynced)."""
+        """Write the digits, then the records that point at them (each file fsynced).
+
+        All or nothing: on any failure the shard is truncated back to what it held, the
+        writer moves on to a new shard, and the error is raised (OSError).
+        """
         if not records:
             return
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(records), 28, 28)
-        if self._stem is None or self._rows * DIGIT_BYTES >= self.shard_bytes:
-            self._stem, self._rows = self._new_stem(), 0
-            self._enforce_retention()
-        lines = []
-        for i, record in enumerate(records):
-            lines.append(json.dumps({**record, "row": self._rows + i}, separators=(",", ":")))
-        _append(self._stem.with_suffix(".u8"), images.tobytes())
-        _append(self._stem.with_suffix(".jsonl"), ("\n".join(lines) + "\n").encode())
-        self._rows += len(records)
+        stem, row = self._current()
+        lines = [json.dumps({**record, "row": row + i}, separators=(",", ":")) for i, record in enumerate(records)]
+        u8, jsonl = stem.with_suffix(".u8"), stem.with_suffix(".jsonl")
+        sizes = (row * DIGIT_BYTES, _size(jsonl))
+        try:
+            _append(u8, images.tobytes())
+            _append(jsonl, ("\n".join(lines) + "\n").encode())
+        except BaseException:
+            _truncate(u8, sizes[0])
+            _truncate(jsonl, sizes[1])
+            self._retire()
+            raise
 
     def _enforce_retention(self) -> None:
-        """Delete the oldest shards (of any writer) while the directory is over its limit."""
+        """Delete the oldest *closed* shards while the directory is over its limit.
+
+        A shard is live, and spared, while a writer may still append to it: the current shard
+        of every writer in this process, and the newest shard of every other process that is
+        still running (its pid is in the name). Deleting another worker's live shard would
+        lose the records it is about to write.
+        """
         if self.max_total_bytes is None:
             return
         stems = shard_stems(self.directory, self.prefix)
-        sizes = {s: sum(f.stat().st_size for f in (s.with_suffix(".u8"), s.with_suffix(".jsonl")) if f.exists())
-                 for s in stems}
+        live = _live_stems(stems)
+        sizes = {s: _size(s.with_suffix(".u8")) + _size(s.with_suffix(".jsonl")) for s in stems}
         total = sum(sizes.values())
         for stem in stems:
-            if total <= self.max_total_bytes or stem == self._stem:
+            if total <= self.max_total_bytes:
                 break
+            if stem in live:
+                continue
             for f in (stem.with_suffix(".jsonl"), stem.with_suffix(".u8")):
                 f.unlink(missing_ok=True)
             total -= sizes[stem]
 
 
+def _pid_of(stem: Path) -> int | None:
+    tail = stem.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
+
+
+def _live_stems(stems: list[Path]) -> set[Path]:
+    """This process's writers' current shards, plus the newest shard of each other running process."""
+    newest: dict[int, Path] = {}
+    for stem in stems:  # oldest first: the last one seen per pid is its newest
+        if (pid := _pid_of(stem)) is not None:
+            newest[pid] = stem
+    me = os.getpid()
+    others = {stem for pid, stem in newest.items() if pid != me and _running(pid)}
+    return others | (ShardWriter._live & set(stems))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _append(path: Path, data: bytes) -> None:
+    """Append all of `data` (a short write is continued, never left half-done) and fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(f"short write to {path}: {len(view)} bytes left")
+            view = view[written:]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Undo a failed append (best effort: the shard is retired either way)."""
+    try:
+        if path.is_file() and path.stat().st_size > size:
+            os.truncate(path, size)
+    except OSError:
+        pass
 
 
 def shard_stems(directory: Path, prefix: str) -> list[Path]:
@@ -157,8 +243,3 @@ def read(directory: Path, prefix: str, keep=None, stems: Iterable[Path] | None =
     if not records:
         return Batch([], EMPTY.images, skipped)
     return Batch(records, np.concatenate(images), skipped)
-
-
-def total_bytes(directory: Path, prefix: str) -> int:
-    return sum(f.stat().st_size for s in shard_stems(directory, prefix)
-               for f in (s.with_suffix(".u8"), s.with_suffix(".jsonl")) if f.exists())
