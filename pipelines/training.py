@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
+from mnist_mlops.feedback import HELD_BACK
 from mnist_mlops.platform import preload
 from mnist_mlops.platform.tracking import FLOW_RUN_ENV
 
@@ -74,15 +75,18 @@ def fetch(root: str, params: Params) -> dict:
     from mnist_mlops.training.fetch import fetch as fetch_data
 
     paths = Paths(Path(root))
-    result = fetch_data(params.data, paths)
+    result = fetch_data(params, paths)
     log = get_run_logger()
     log.info("%s digits from %s, %s labelled by people (%s)", result.count, result.source, result.feedback,
              "data/ updated" if result.changed else "data/ unchanged")
     if result.kept:
         log.info("%s new labelled digits kept for later: fewer than data.feedback_min_new=%s",
                  result.kept, params.data.feedback_min_new)
+    for key, what in HELD_BACK.items():
+        if result.screened.get(key):
+            log.info("%s labelled digits held back: %s", result.screened[key], what)
     return {"count": result.count, "source": result.source, "changed": result.changed,
-            "feedback": result.feedback, "kept": result.kept}
+            "feedback": result.feedback, "kept": result.kept, "screened": result.screened}
 
 
 @task(name="version")
@@ -109,7 +113,7 @@ def stage(root: str, name: str) -> bool:
 
 @task(name="promote")
 def promote(root: str, min_accuracy: float) -> dict:
-    """The champion gate on the version the evaluate stage registered."""
+    """Register the model the evaluate stage logged (once per trained model), then the champion gate."""
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.training.prepare import feedback_slice, test_split
@@ -117,17 +121,20 @@ def promote(root: str, min_accuracy: float) -> dict:
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
-    registered = json.loads(paths.registered.read_text())
+    evaluated = json.loads(paths.evaluated.read_text())
+    version = registry.register(evaluated["run_id"], evaluated["model_uri"], evaluated["weights_md5"],
+                                evaluated["version_tags"])
     params = load_params(paths.root)
     test, fb, robust = test_split(paths, params), feedback_slice(paths, params), gate_slice(paths, params)
-    decision = registry.gate(registered["version"], test.x, test.y, min_accuracy,
+    decision = registry.gate(version, test.x, test.y, min_accuracy,
                              {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y)},
                              tolerances={"robust": params.evaluate.max_robust_drop})
     get_run_logger().info("version %s %s: %s", decision.version,
                           "promoted to champion" if decision.promoted else "not promoted", decision.reason)
-    return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
-            "run_id": registered["run_id"], "accuracy": registered.get("accuracy"),
-            "robust_accuracy": registered.get("robust_accuracy")}
+    registered = {"model": evaluated["model"], "version": version, "run_id": evaluated["run_id"],
+                  "accuracy": evaluated.get("accuracy"), "robust_accuracy": evaluated.get("robust_accuracy")}
+    paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
+    return {**registered, "promoted": decision.promoted, "reason": decision.reason}
 
 
 @task(name="package")
@@ -176,10 +183,11 @@ def training_flow(root: str = ".", package_bento: bool = True, lock_wait_seconds
         return run_pipeline(root, params, package_bento, trigger, reason)
 
 
-def versioned_data(root: str, params: Params) -> dict:
+def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
     """The steps every flow starts with: tracking reachable, data/ checked, fetched, versioned.
 
-    Call inside a flow, under the pipeline lock. Returns the summary rows they contribute.
+    Call inside a flow, under the pipeline lock. Returns the summary rows they contribute and
+    the counts of labels the fetch step held back (`feedback.Screened`).
     """
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
     check_tracking.with_options(retries=TRACKING_RETRIES,
@@ -194,8 +202,10 @@ def versioned_data(root: str, params: Params) -> dict:
         "digits": fetched["count"],
         "labelled by people": fetched["feedback"] if not fetched["kept"] else
         f"{fetched['feedback']} ({fetched['kept']} new kept for later: fewer than data.feedback_min_new)",
+        **{f"labels held back: {what}": fetched["screened"][key] for key, what in HELD_BACK.items()
+           if fetched["screened"].get(key)},
         **({"data check": f"{drift}: restored from the source"} if drift else {}),
-    }
+    }, fetched["screened"]
 
 
 def gate_rows(gate: dict) -> dict:
@@ -212,20 +222,24 @@ def gate_rows(gate: dict) -> dict:
 
 
 @task(name="tag-trigger")
-def tag_trigger(run_id: str, trigger: str, reason: str) -> None:
-    """Record on the trained run what started it and why."""
+def tag_trigger(run_id: str, trigger: str, reason: str, screened: dict[str, int]) -> None:
+    """Record on the trained run what started it and why, and which labels its data held back."""
     import mlflow
 
-    mlflow.MlflowClient().set_tag(run_id, "trigger", trigger)
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "trigger", trigger)
     if reason:
-        mlflow.MlflowClient().set_tag(run_id, "trigger.reason", reason[:5000])
+        client.set_tag(run_id, "trigger.reason", reason[:5000])
+    for key, value in screened.items():
+        client.log_metric(run_id, f"feedback.{key}", float(value))
 
 
 def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = "manual",
                  reason: str = "") -> dict:
     """The flow's body, run under the pipeline lock (call it only inside a flow)."""
+    rows, screened = versioned_data(root, params)
     summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
-               **({"started because": reason} if reason else {}), **versioned_data(root, params)}
+               **({"started because": reason} if reason else {}), **rows}
     ran: dict[str, bool] = {}
     for name in ("prepare", "robustness", "train", "evaluate"):
         if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
@@ -234,7 +248,7 @@ def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = 
     gate = promote(root, params.evaluate.min_accuracy)
     summary["trained"] = "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)"
     if ran["train"]:
-        tag_trigger(gate["run_id"], trigger, reason)
+        tag_trigger(gate["run_id"], trigger, reason, screened)
     summary |= gate_rows(gate)
     if package_bento and gate["promoted"]:
         summary["bento"] = package(root)["bento"]

@@ -19,6 +19,11 @@ from mnist_mlops.errors import UserError
 PARAMS_FILE = "params.yaml"
 MODEL_NAME = "mnist-convnet"
 CHAMPION_ALIAS = "champion"
+# Where the loop keeps its records: one setting each, read by the service, the fetch step and
+# the monitor alike (through `Paths`), so replicas sharing storage and the training that learns
+# from them always look in the same place. Unset: inside the project.
+PREDICTION_LOG_ENV = "MNIST_MLOPS_PREDICTION_LOG"
+FEEDBACK_ENV = "MNIST_MLOPS_FEEDBACK"
 
 
 class _Section(BaseModel):
@@ -259,17 +264,25 @@ class Paths:
         self.model_dir = self.artifacts / "model"
         self.model_file = self.model_dir / "model.keras"
         self.train_run = self.model_dir / "run.json"
-        self.registered = self.artifacts / "registered.json"
+        self.evaluated = self.artifacts / "evaluated.json"  # the evaluate stage's output: the logged model
+        self.registered = self.artifacts / "registered.json"  # the promote step's: its registered version
         self.reports = self.root / "reports"
         self.metrics = self.reports / "metrics.json"
         self.history = self.reports / "history.csv"
         self.confusion = self.reports / "confusion.csv"
         self.figures = self.reports / "figures"
         self.lock = self.root / ".mnist-mlops.lock"
-        self.feedback = self.root / "feedback"  # the labelled digits (mnist_mlops.feedback)
-        self.prediction_log = self.root / "logs" / "predictions"  # what the service answered
+        # the labelled digits (mnist_mlops.feedback) and what the service answered ($FEEDBACK_ENV,
+        # $PREDICTION_LOG_ENV when set: the service's, the fetch step's and the monitor's alike)
+        self.feedback = _env_path(FEEDBACK_ENV) or self.root / "feedback"
+        self.prediction_log = _env_path(PREDICTION_LOG_ENV) or self.root / "logs" / "predictions"
         self.monitoring = self.reports / "monitoring"  # the monitor's HTML reports
         self.cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else None
 
 
 def project_root() -> Path:

@@ -20,12 +20,14 @@ TAG_PREVIOUS = "gate.previous_champion"
 MODEL_DESCRIPTION = (
     "The MNIST ConvNet (tf.keras Conv2D 3×3 / MaxPooling2D 2×2 blocks, softmax over 10 digits), "
     "trained by the mnist-mlops Prefect flow on the data version pinned by data.dvc. Every training "
-    "registers a version; the alias `champion` is what the service serves. A version becomes "
-    "champion only if its test accuracy clears evaluate.min_accuracy and it is not worse than the "
-    "current champion re-scored on the same test data; each version's description and gate.* tags "
+    "registers one version per trained model; the alias `champion` is what the service serves. A version "
+    "becomes champion only if its test accuracy clears evaluate.min_accuracy and it is not worse than the "
+    "current champion re-scored on the same test data and slices, and better somewhere (a tie keeps the "
+    "champion); each version's description and gate.* tags "
     "say what was decided and why. `mnist-mlops promote` / `rollback` move the alias by hand."
 )
 TAG_FLOOR = "gate.min_accuracy"  # the floor a decision was made under: a new floor re-gates
+TAG_WEIGHTS = "model.weights_md5"  # md5 of the trained model file: one version per trained model
 
 
 @dataclass(frozen=True)
@@ -122,27 +124,83 @@ def _decided_under(tags: dict[str, str], floor: float) -> bool:
         return False
 
 
-def _compare(name: str, mine: float, theirs: float, digits: int, champion: str, tolerance: float) -> str:
-    """One line of the gate's reason: challenger vs re-scored champion on one set; a line
-    starting with "ok: " lets the challenger through."""
-    where = "the same test data" if name == "test" else f"the {name} slice ({digits} digits)"
-    line = f"{name} accuracy {mine:.4f}"
-    if not tolerance:
-        return (f"{line} worse than champion v{champion} ({theirs:.4f}) on {where}" if mine < theirs
-                else f"ok: {line} >= champion v{champion} ({theirs:.4f}) on {where}")
-    if theirs - mine > tolerance:
-        return (f"{line} is {theirs - mine:.4f} below champion v{champion} ({theirs:.4f}) on {where}: "
-                f"a drop of more than evaluate.max_robust_drop={tolerance}")
-    return f"ok: {line} within {tolerance} of champion v{champion} ({theirs:.4f}) on {where}"
+@dataclass(frozen=True)
+class Comparison:
+    """Challenger vs the re-scored champion on one set (the base test split or a slice)."""
+
+    name: str
+    mine: float
+    theirs: float
+    digits: int
+    tolerance: float = 0.0  # a slice named in the gate's tolerances refuses only a larger drop
+
+    @property
+    def worse(self) -> bool:
+        return self.theirs - self.mine > self.tolerance if self.tolerance else self.mine < self.theirs
+
+    @property
+    def better(self) -> bool:
+        return self.mine > self.theirs
+
+    def sentence(self, champion: str) -> str:
+        where = "the same test data" if self.name == "test" else f"the {self.name} slice ({self.digits} digits)"
+        line = f"{self.name} accuracy {self.mine:.4f}"
+        them = f"champion v{champion} ({self.theirs:.4f})"
+        if self.tolerance and self.worse:
+            return (f"{line} is {self.theirs - self.mine:.4f} below {them} on {where}: "
+                    f"a drop of more than evaluate.max_robust_drop={self.tolerance}")
+        if self.tolerance:
+            return f"{line} within {self.tolerance} of {them} on {where}"
+        if self.worse:
+            return f"{line} worse than {them} on {where}"
+        return f"{line} {'>' if self.better else '='} {them} on {where}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate made of a challenger that cleared the floor, against a champion."""
+
+    comparisons: list[Comparison]
+
+    @property
+    def worse(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.worse]
+
+    @property
+    def passed(self) -> bool:
+        """Not worse anywhere, and better somewhere: a tie keeps the champion (and its followers)."""
+        return not self.worse and any(c.better for c in self.comparisons)
+
+    def reason(self, champion: str) -> str:
+        if self.worse:
+            return "; ".join(c.sentence(champion) for c in self.worse)
+        text = "; ".join(c.sentence(champion) for c in self.comparisons)
+        return text if self.passed else f"ties champion v{champion} ({text}): the champion stays"
+
+
+def register(run_id: str, model_uri: str, weights_md5: str, tags: dict[str, str]) -> str:
+    """The registered version of this trained model: registered once per run and weights, so
+    an evaluate stage that re-runs (a code change) never adds a version of the same model."""
+    import mlflow
+
+    for mv in client().search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'"):
+        if mv.tags.get(TAG_WEIGHTS) == weights_md5:
+            return str(mv.version)
+    mv = mlflow.register_model(model_uri, MODEL_NAME, tags={**tags, TAG_WEIGHTS: weights_md5})
+    version = str(mv.version)
+    client().update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
+    describe_version(version, "Gate: not decided yet (the flow's promote step decides).")
+    return version
 
 
 def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
          slices: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
          tolerances: dict[str, float] | None = None) -> Decision:
-    """Promote `version` iff it clears the floor on the base test split and is not worse than
-    the champion, both re-scored, on the base test split nor on any slice (e.g. "feedback",
-    "robust"); a slice named in `tolerances` refuses only a drop of more than its tolerance
-    (the robustness slice: `evaluate.max_robust_drop`).
+    """Promote `version` iff it clears the floor on the base test split and, both re-scored,
+    is not worse than the champion on the base test split nor on any slice (e.g. "feedback",
+    "robust"), and better on at least one: a tie keeps the champion. A slice named in
+    `tolerances` refuses only a drop of more than its tolerance (the robustness slice:
+    `evaluate.max_robust_drop`).
 
     A version is decided once per floor: rerunning the gate under the same floor reports the
     earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again
@@ -154,21 +212,10 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
         return Decision(version, decided == "promoted", f"already decided: {tags.get(TAG_REASON, '')}")
     sets = {"test": (x, y), **(slices or {})}
     scores = rescore_on(version, sets)
-    candidate = scores["test"]
-    acc = candidate.accuracy
+    acc = scores["test"].accuracy
     current = champion_version()
-    if not candidate.finite:
-        reason = "model outputs NaN or infinite values"
-        _reject(version, reason, min_accuracy)
-        return Decision(version, False, reason, acc)
-    if acc < min_accuracy:
-        reason = f"test accuracy {acc:.4f} below the floor evaluate.min_accuracy={min_accuracy}"
-        if current == version:
-            reason += " (it stays champion: a floor blocks promotions, it never demotes)"
-            _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
-            return Decision(version, False, reason, acc)
-        _reject(version, reason, min_accuracy)
-        return Decision(version, False, reason, acc)
+    if refusal := _below_floor(version, scores["test"], min_accuracy, current, tags):
+        return refusal
     if current is None:
         reason = f"first model above the floor ({acc:.4f} >= {min_accuracy})"
         _set_alias(version, reason, None, min_accuracy)
@@ -177,18 +224,31 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
         _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
         return Decision(version, True, "already champion", acc)
     champ = rescore_on(current, sets)
-    worse, better = [], []
-    for name, mine in scores.items():
-        verdict = _compare(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]), current,
-                           (tolerances or {}).get(name, 0.0))
-        (better if verdict.startswith("ok: ") else worse).append(verdict.removeprefix("ok: "))
-    if worse:
-        reason = "; ".join(worse)
+    verdict = Verdict([Comparison(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]),
+                                  (tolerances or {}).get(name, 0.0)) for name, mine in scores.items()])
+    reason = verdict.reason(current)
+    if not verdict.passed:
         _reject(version, reason, min_accuracy)
         return Decision(version, False, reason, acc, champ["test"].accuracy, current)
-    reason = "; ".join(better)
     _set_alias(version, reason, current, min_accuracy)
     return Decision(version, True, reason, acc, champ["test"].accuracy, current)
+
+
+def _below_floor(version: str, result, min_accuracy: float, current: str | None, tags: dict) -> Decision | None:
+    """The refusal of a model with NaN outputs or under the floor (None: it clears the floor)."""
+    acc = result.accuracy
+    if not result.finite:
+        reason = "model outputs NaN or infinite values"
+    elif acc < min_accuracy:
+        reason = f"test accuracy {acc:.4f} below the floor evaluate.min_accuracy={min_accuracy}"
+        if current == version:
+            reason += " (it stays champion: a floor blocks promotions, it never demotes)"
+            _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
+            return Decision(version, False, reason, acc)
+    else:
+        return None
+    _reject(version, reason, min_accuracy)
+    return Decision(version, False, reason, acc)
 
 
 def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accuracy: float,

@@ -1,6 +1,6 @@
 """Evaluate: score the trained model on the test split (and the feedback and robustness
-slices), log and register it in MLflow."""
-
+slices) and log it to its MLflow run; the flow's promote step registers it (once per trained
+model) and gates it."""
 from __future__ import annotations
 
 import csv
@@ -15,9 +15,11 @@ import numpy as np
 
 from mnist_mlops.config import MODEL_NAME, Params, Paths
 from mnist_mlops.digit_features import REFERENCE_DIGITS, REFERENCE_FILE, feature_arrays
-from mnist_mlops.registry import MODEL_DESCRIPTION, describe_version
+from mnist_mlops.registry import TAG_WEIGHTS
 from mnist_mlops.scoring import load_keras, probabilities, score
 from mnist_mlops.training.prepare import FEEDBACK_INFO, FEEDBACK_SPLIT, load_split
+
+TAG_MODEL_URI = "model.uri"  # the run's logged model, reused when the stage re-runs on the same weights
 
 
 def per_class(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -101,29 +103,35 @@ def feedback_metrics(model, paths: Paths) -> tuple[dict[str, float], dict[str, s
     return metrics, tags
 
 
-def log_and_register(model, x_example: np.ndarray, probs: np.ndarray, tags: dict[str, str]):
-    """Log the Keras model with a signature and input example; register it as a new version."""
+def log_model(model, x_example: np.ndarray, probs: np.ndarray, weights_md5: str) -> str:
+    """Log the Keras model with a signature and input example to the active run, once per
+    trained model: an evaluate stage that re-runs on the same model (a code change) reuses the
+    logged one. Returns its model URI; the flow's promote step registers it."""
     import keras
     import mlflow
     import tensorflow as tf
     from mlflow.models import infer_signature
 
+    run = mlflow.active_run()
+    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    if tags.get(TAG_WEIGHTS) == weights_md5 and tags.get(TAG_MODEL_URI):
+        return tags[TAG_MODEL_URI]
     _patch_keras_input_example()
     keras.config.disable_interactive_logging()  # MLflow's input-example check calls predict: no bars
-
     signature = infer_signature(x_example[:1], probs[:1])
     # Explicit requirements: inferring them reloads the model in a fresh subprocess (TensorFlow
     # imported again), ~70 s of a 100 s evaluate stage on a busy 2-core machine, ~2 s without.
     requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
     info = mlflow.keras.log_model(model, name="model", signature=signature, input_example=x_example[:1],
-                                  registered_model_name=MODEL_NAME, pip_requirements=requirements)
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(MODEL_NAME, version, key, value)
-    client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
-    describe_version(version, "Gate: not decided yet (the flow's promote step decides).")
-    return version
+                                  pip_requirements=requirements)
+    mlflow.set_tags({TAG_WEIGHTS: weights_md5, TAG_MODEL_URI: info.model_uri})
+    return info.model_uri
+
+
+def file_md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def monitoring_reference(paths: Paths, test_probs: np.ndarray, out: Path) -> Path:
@@ -178,7 +186,8 @@ def evaluate(params: Params, paths: Paths) -> dict:
                 "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
                 **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
                    if "feedback_accuracy" in fb_metrics else {})}
-        version = log_and_register(model, test.x, probs, tags)
+        weights = file_md5(paths.model_file)
+        model_uri = log_model(model, test.x, probs, weights)
     summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
                "robust_accuracy": robust["robust_accuracy"], "finite_outputs": result.finite,
                **fb_metrics,
@@ -187,14 +196,14 @@ def evaluate(params: Params, paths: Paths) -> dict:
                "per_class": {k: round(v, 4) for k, v in metrics.items()
                              if k.startswith(("precision_", "recall_", "f1_"))}}
     paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    registered = ({"model": MODEL_NAME, "version": version, "run_id": run_id} | asdict(result)
-                  | {"robust_accuracy": robust["robust_accuracy"]})
-    paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
-    return registered
+    evaluated = ({"model": MODEL_NAME, "run_id": run_id, "model_uri": model_uri, "weights_md5": weights,
+                  "version_tags": tags} | asdict(result) | {"robust_accuracy": robust["robust_accuracy"]})
+    paths.evaluated.write_text(json.dumps(evaluated, indent=2) + "\n")
+    return evaluated
 
 
 def stage(params: Params, paths: Paths) -> str:
     """The DVC `evaluate` stage."""
     r = evaluate(params, paths)
     return (f"evaluate: test accuracy {r['accuracy']:.4f}, robust accuracy {r['robust_accuracy']:.4f}, "
-            f"registered version {r['version']}")
+            f"model logged to run {r['run_id']}")
