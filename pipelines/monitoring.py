@@ -22,22 +22,25 @@ EXPERIMENT = "mnist-monitoring"
 
 
 @task(name="check")
-def check(root: str, start: datetime, end: datetime, log_dir: str | None, feedback_dir: str | None) -> dict:
-    """Measure the window, write the report, log both to MLflow; returns the summary."""
+def check(root: str, start: datetime, end: datetime, log_dir: str | None, retrain: bool) -> dict:
+    """Measure the window, write the report, decide whether to retrain, log it all to MLflow;
+    returns the summary (and, under `_retrain`, the reason to start the training flow)."""
     import mlflow
 
     from mnist_mlops.monitoring import report
-    from mnist_mlops.monitoring.check import run_check
+    from mnist_mlops.monitoring.check import evidence, run_check
     from mnist_mlops.monitoring.reference import champion_reference
     from mnist_mlops.platform.tracking import quiet_env, setup_mlflow
+    from mnist_mlops.platform.versioning import dvc_md5
 
     paths, params = Paths(Path(root)), load_params(Path(root))
     quiet_env()
     setup_mlflow(paths.root, EXPERIMENT)
     reference = champion_reference()
-    result = run_check(paths, params, reference, start, end,
-                       Path(log_dir) if log_dir else None, Path(feedback_dir) if feedback_dir else None)
+    result = run_check(paths, params, reference, start, end, Path(log_dir) if log_dir else None)
     page = report.write(result, reference, paths.monitoring)
+    fingerprint = evidence(result, dvc_md5(paths.data_dvc))
+    decision, start_now = retrain_decision(result.reasons, retrain, fingerprint)
     with mlflow.start_run(run_name=f"monitor {end:%Y-%m-%d %H:%M}") as run:
         mlflow.log_params({"window_start": start.isoformat(), "window_end": end.isoformat(),
                            "champion": reference.version, **{f"monitor.{k}": v for k, v in
@@ -45,12 +48,32 @@ def check(root: str, start: datetime, end: datetime, log_dir: str | None, feedba
         mlflow.log_metrics(result.metrics())
         mlflow.set_tags({"verdict": result.verdict, "drifted": ",".join(result.drifted) or "none",
                          "retrain_reason": "; ".join(result.reasons) or "none",
-                         "champion_run_id": reference.run_id})
+                         "retrain_evidence": fingerprint, "retrain_started": str(start_now).lower(),
+                         "retrain_decision": decision, "champion_run_id": reference.run_id})
         mlflow.log_artifact(str(page), "report")
         mlflow.log_dict({"summary": result.summary(), "checks": [c.as_dict() for c in result.checks],
                          "accuracy": {v: a.as_dict() for v, a in result.accuracy.items()}}, "summary.json")
     return {**result.summary(), "report": str(page), "MLflow run id": run.info.run_id,
-            "_reasons": result.reasons}
+            **({"training": decision} if result.reasons and not start_now else {}),
+            "_retrain": "; ".join(result.reasons) if start_now else None}
+
+
+def retrain_decision(reasons: list[str], retrain: bool, fingerprint: str) -> tuple[str, bool]:
+    """Whether this check starts the training flow, and why (or why not), in words."""
+    import mlflow
+
+    if not reasons:
+        return "no: nothing calls for it", False
+    if not retrain:
+        return "not started (retrain off)", False
+    earlier = mlflow.search_runs(experiment_names=[EXPERIMENT], max_results=1, output_format="list",
+                                 filter_string=f"tags.retrain_evidence = '{fingerprint}' "
+                                               "and tags.retrain_started = 'true'",
+                                 order_by=["attributes.start_time DESC"])
+    if earlier:
+        return (f"not started: the same evidence (champion, data version, drift, labels) already started a "
+                f"retrain (monitoring run {earlier[0].info.run_id})"), False
+    return "started", True
 
 
 @task(name="start-training")
@@ -108,8 +131,7 @@ def monitor_run_name() -> str:
 
 @flow(name="mnist-monitor", log_prints=True, flow_run_name=monitor_run_name)
 def monitor_flow(root: str = ".", since_hours: float | None = None, retrain: bool | None = None,
-                 training_deployment: str | None = None, log_dir: str | None = None,
-                 feedback_dir: str | None = None) -> dict:
+                 training_deployment: str | None = None, log_dir: str | None = None) -> dict:
     """One check of the last `since_hours` (default: monitor.window_hours) of traffic.
 
     `retrain` (default: monitor.retrain) lets a reason start the training flow: the
@@ -120,13 +142,12 @@ def monitor_flow(root: str = ".", since_hours: float | None = None, retrain: boo
     params = load_params(Path(root))
     hours = since_hours if since_hours is not None else params.monitor.window_hours
     end = datetime.now(UTC)
-    summary = check(root, end - timedelta(hours=hours), end, log_dir, feedback_dir)
-    reasons = summary.pop("_reasons")
+    summary = check(root, end - timedelta(hours=hours), end, log_dir,
+                    params.monitor.retrain if retrain is None else retrain)
+    reason = summary.pop("_retrain")
     logger = get_run_logger()
-    if reasons and (params.monitor.retrain if retrain is None else retrain):
-        summary["training"] = start_training(root, "; ".join(reasons), training_deployment)
-    elif reasons:
-        summary["training"] = "not started (retrain off)"
+    if reason:
+        summary["training"] = start_training(root, reason, training_deployment)
     logger.info("monitor: %s; %s", summary["verdict"], summary["retrain"])
     create_markdown_artifact(markdown=summary_markdown(summary, "MNIST monitoring"),
                              key="monitoring-summary", description="summary of the monitoring run")

@@ -205,7 +205,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
     deployment = deploy_candidates(pool) if pool else None  # a missing pool or worker fails before any work
     with pipeline_lock(paths.lock, wait_seconds=lock_wait_seconds):
         summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
-                   **versioned_data(root, params)}
+                   **versioned_data(root, params)[0]}
         stage.with_options(name="prepare")(root, "prepare")
         stage.with_options(name="robustness")(root, "robustness")  # the candidates score on robust-val
         parent = sweep.start_parent(paths.root, list(grid or []), combos,

@@ -191,7 +191,7 @@ def test_labels_give_live_accuracy_and_reasons(tmp_path: Path, sample, reference
     live = result.accuracy["all"]
     assert (live.n, live.correct) == (30, 20) and result.accuracy["1"].n == 30 and result.new_labels == 30
     assert result.verdict == "ok"
-    assert result.reasons == ["live accuracy 0.667 on 30 labels < evaluate.min_accuracy 0.95",
-                              "30 new labels >= data.feedback_min_new 20"]
+    assert result.reasons == [f"live accuracy of champion v1 0.667 (95% CI up to {live.high:.3f}) on 30 labels "
+                              "< evaluate.min_accuracy 0.95", "30 new labels >= data.feedback_min_new 20"]
     page = report.render(result, reference)
     assert page.count("<img") == 4 and "<td>1</td><td>30</td><td>0.667</td>" in page

@@ -106,8 +106,8 @@ def monitor(
     retrain: Annotated[bool | None, typer.Option(
         "--retrain/--no-retrain",
         help="Start the training flow when there is a reason (default: monitor.retrain).")] = None,
-    log_dir: Annotated[Path | None, typer.Option(help="The prediction log (default: logs/predictions).")] = None,
-    feedback_dir: Annotated[Path | None, typer.Option(help="The labels (default: feedback/).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(
+        help="The prediction log (default: $MNIST_MLOPS_PREDICTION_LOG, else logs/predictions).")] = None,
 ) -> None:
     """Check the served traffic: drift against the champion's reference, live accuracy from the
     labels, new labels; write reports/monitoring/, log to MLflow, retrain when there is a reason."""
@@ -123,8 +123,7 @@ def monitor(
 
     with prefect_server.api(server):
         summary = monitor_flow(root=str(root), since_hours=hours, retrain=retrain,
-                               log_dir=str(log_dir.resolve()) if log_dir else None,
-                               feedback_dir=str(feedback_dir.resolve()) if feedback_dir else None)
+                               log_dir=str(log_dir.resolve()) if log_dir else None)
     print_summary("mnist-mlops monitor", summary)
 
 
@@ -140,11 +139,19 @@ def fetch(
     root = _root()
     params = load_params(root, [*(set_ or []), *([f"data.source={source}"] if source else [])])
     paths = Paths(root)
-    result = fetch_data(params.data, paths)
+    result = fetch_data(params, paths)
     print_summary("mnist-mlops fetch", {"digits": result.count, "source": result.source,
                                          "labelled by people": result.feedback,
                                          **({"kept for later": result.kept} if result.kept else {}),
+                                         **held_back_rows(result.screened),
                                          "data/": "updated" if result.changed else "unchanged"})
+
+
+def held_back_rows(screened: dict[str, int]) -> dict[str, str]:
+    """Summary rows for labels screened out of the data (only those that happened)."""
+    from mnist_mlops.feedback import HELD_BACK
+
+    return {f"labels held back: {what}": str(screened[key]) for key, what in HELD_BACK.items() if screened.get(key)}
 
 
 @app.command()

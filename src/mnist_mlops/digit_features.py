@@ -63,3 +63,16 @@ def feature_records(images: np.ndarray) -> list[dict[str, float]]:
     """The same features as one small dict per digit (the prediction log's fields)."""
     arrays = feature_arrays(images)
     return [{name: round(float(values[i]), 4) for name, values in arrays.items()} for i in range(len(arrays["ink"]))]
+
+
+# A digit with fewer pixels over half intensity than this holds no readable digit (the thinnest
+# of the 5,000 sample digits has 23; a blank or all-black input has 0): the service says so in
+# its answer, /feedback refuses to take a label for it, and training never learns from it.
+MIN_INK_PIXELS = 8
+
+
+def has_ink(images: np.ndarray) -> np.ndarray:
+    """Per digit (uint8 N×28×28, or floats in [0, 1]): whether it holds enough ink to be a digit."""
+    x = np.asarray(images).reshape(-1, 28, 28)
+    ink = x > (127 if np.issubdtype(x.dtype, np.integer) else 0.5)
+    return ink.sum(axis=(1, 2)) >= MIN_INK_PIXELS

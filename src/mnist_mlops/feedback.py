@@ -20,11 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops import shards
+from mnist_mlops.config import FEEDBACK_ENV
+from mnist_mlops.digit_features import has_ink
 from mnist_mlops.prediction_log import now_iso, parse_time
 
 PREFIX = "labels"
-DIR_ENV = "MNIST_MLOPS_FEEDBACK"  # where the service stores labels (`mnist-mlops serve` sets it)
+DIR_ENV = FEEDBACK_ENV  # where the service stores labels (`mnist-mlops serve` sets it)
 SHARD_BYTES = 4 * 1024 * 1024  # ~5,000 digits per shard
+# A labelled digit this close to a base test digit (RMS pixel difference, of 255) is a copy of
+# it: re-encoded or lightly noised. The closest two distinct digits of the sample are 12.2
+# apart, a copy sent through the service as integers is 0 apart.
+NEAR_COPY_RMS = 8.0
 
 
 def digit_sha(image: np.ndarray) -> str:
@@ -41,6 +47,9 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, rows: slice) -> Examples:
+        return Examples(self.images[rows], self.labels[rows], self.records[rows])
 
     @classmethod
     def empty(cls) -> Examples:
@@ -87,6 +96,80 @@ def accepted(directory: Path, until: str | None = None) -> Examples:
         return Examples.empty()
     return Examples(batch.images[chosen], np.array([batch.records[i]["label"] for i in chosen], np.uint8),
                     [batch.records[i] for i in chosen])
+
+
+def select(examples: Examples, keep: np.ndarray) -> Examples:
+    keep = np.asarray(keep, bool)
+    return Examples(examples.images[keep], examples.labels[keep],
+                    [r for r, k in zip(examples.records, keep, strict=True) if k])
+
+
+@dataclass(frozen=True)
+class Screened:
+    """What training may learn from, and how many labelled digits were held back and why."""
+
+    examples: Examples
+    leaks_blocked: int = 0  # copies of base test digits: the gate scores on those, nothing may train on them
+    blank: int = 0  # no ink: no digit to learn
+    capped: int = 0  # over data.max_class_imbalance: the newest labels of an over-full class wait
+
+    def counts(self) -> dict[str, int]:
+        return {"accepted": len(self.examples), "leaks_blocked": self.leaks_blocked, "blank": self.blank,
+                "capped": self.capped}
+
+
+# The summary's words for each count of `Screened`.
+HELD_BACK = {"leaks_blocked": "copies of base test digits (never trained on)", "blank": "blank digits (no ink)",
+             "capped": "over data.max_class_imbalance (kept for later)"}
+
+
+def copies_of(images: np.ndarray, test_images: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Per labelled digit: whether it is a (near) copy of one of the base test digits."""
+    if not len(images) or not len(test_images):
+        return np.zeros(len(images), bool)
+    exact = {img.tobytes() for img in np.asarray(test_images, np.uint8)}
+    out = np.array([img.tobytes() in exact for img in images])
+    t = np.asarray(test_images, np.float32).reshape(len(test_images), -1)
+    t_sq = (t * t).sum(axis=1)
+    limit = NEAR_COPY_RMS**2 * t.shape[1]
+    for start in range(0, len(images), chunk):
+        a = np.asarray(images[start:start + chunk], np.float32).reshape(-1, t.shape[1])
+        d2 = (a * a).sum(axis=1)[:, None] + t_sq[None, :] - 2.0 * (a @ t.T)
+        out[start:start + len(a)] |= d2.min(axis=1) <= limit
+    return out
+
+
+def within_balance(labels: np.ndarray, base_labels: np.ndarray, max_imbalance: float) -> np.ndarray:
+    """Keep, per class, the oldest labels that fit: base + feedback stays within `max_imbalance`.
+
+    Feedback only adds, so the smallest class of the whole never shrinks; a class may hold at
+    most `max_imbalance` × that many digits. The class that sets the minimum is never capped,
+    so one pass is enough.
+    """
+    base = np.bincount(np.asarray(base_labels, np.int64), minlength=10)
+    wanted = np.bincount(np.asarray(labels, np.int64), minlength=10)
+    room = np.maximum(0, np.floor(max_imbalance * (base + wanted).min()).astype(np.int64) - base)
+    keep = np.zeros(len(labels), bool)
+    taken = np.zeros(10, np.int64)
+    for i, label in enumerate(np.asarray(labels, np.int64)):  # oldest first
+        if taken[label] < room[label]:
+            keep[i], taken[label] = True, taken[label] + 1
+    return keep
+
+
+def screen(examples: Examples, base_labels: np.ndarray, test_images: np.ndarray,
+           max_imbalance: float) -> Screened:
+    """The labelled digits training may use: no blank digit, no copy of a base test digit, and
+    no more of a class than keeps the data within `data.max_class_imbalance`.
+
+    The fetch step and the monitor both call this, so "new labels" means the same to both.
+    """
+    inked = has_ink(examples.images) if len(examples) else np.zeros(0, bool)
+    leaks = copies_of(examples.images, test_images) & inked
+    usable = select(examples, inked & ~leaks)
+    balanced = within_balance(usable.labels, base_labels, max_imbalance)
+    return Screened(select(usable, balanced), leaks_blocked=int(leaks.sum()), blank=int((~inked).sum()),
+                    capped=int((~balanced).sum()))
 
 
 def newer_than(examples: Examples, since: str | None) -> int:

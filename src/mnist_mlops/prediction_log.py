@@ -14,6 +14,7 @@ Each record: `prediction_id`, `time` (UTC, ISO 8601), `model_version`, `endpoint
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops import shards
+from mnist_mlops.config import PREDICTION_LOG_ENV
 from mnist_mlops.digit_features import feature_records
 
 PREFIX = "predictions"
 FLUSH_SECONDS = 0.5
 # The service's settings (`mnist-mlops serve` sets them from params.yaml; a bare Bento uses
 # the build arguments and ./logs/predictions).
-DIR_ENV = "MNIST_MLOPS_PREDICTION_LOG"
+DIR_ENV = PREDICTION_LOG_ENV
 ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"
 MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"
 logger = logging.getLogger("mnist_mlops.prediction_log")
@@ -43,10 +45,9 @@ def new_ids(n: int) -> list[str]:
 
 def id_time(prediction_id: str) -> float | None:
     """Seconds since the epoch at which an id was made (None: not one of ours)."""
-    try:
-        return int(prediction_id[:12], 16) / 1000 if len(prediction_id) == 28 else None
-    except ValueError:
+    if len(prediction_id) != 28 or not all(c in "0123456789abcdef" for c in prediction_id):
         return None
+    return int(prediction_id[:12], 16) / 1000
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -121,21 +122,48 @@ def read_window(directory: Path, start: datetime | None = None, end: datetime | 
     return shards.read(directory, PREFIX, keep if start or end else None)
 
 
+# A record reaches its shard at most this long after its id was made (the flush interval, a
+# slow disk): a shard started later than that cannot hold the id.
+WRITE_DELAY_SECONDS = 60.0
+_ID_IN_LINE = re.compile(rb'"prediction_id":"([0-9a-f]{28})"')
+
+
+def could_hold(stem: Path, t: float) -> bool:
+    """Whether a shard may hold an id made at `t`: started before it was written, and written
+    to since (its records file's mtime) — so a lookup opens only the shards of that moment."""
+    start = shards.started(stem)
+    try:
+        written = stem.with_suffix(".jsonl").stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return (start is None or start <= t + WRITE_DELAY_SECONDS) and written >= t - 1.0
+
+
 def find(directory: Path, ids: set[str]) -> dict[str, tuple[dict, np.ndarray]]:
     """The logged records (and digits) of these prediction ids; ids not found are absent.
 
-    Only shards whose raw records mention one of the ids are parsed (a bytes search first).
+    The time in each id picks the shards that can hold it; only those are scanned (one regex
+    pass over their records), and only shards that do hold one are parsed. An id that is not
+    ours, or made in the future, is simply unknown.
     """
-    if not ids:
+    times = {i: t for i in ids if (t := id_time(i)) is not None and t <= time.time() + 1.0}
+    if not times:
         return {}
-    needles = [i.encode() for i in ids]
+    wanted: set[str] = set()
     stems = []
     for stem in shards.shard_stems(directory, PREFIX):
+        candidates = {i for i, t in times.items() if could_hold(stem, t)}
+        if not candidates:
+            continue
         try:
             text = stem.with_suffix(".jsonl").read_bytes()
         except FileNotFoundError:
             continue
-        if any(n in text for n in needles):
+        hits = candidates & {m.decode() for m in _ID_IN_LINE.findall(text)}
+        if hits:
+            wanted |= hits
             stems.append(stem)
-    batch = shards.read(directory, PREFIX, lambda r: r.get("prediction_id") in ids, stems)
+    if not stems:
+        return {}
+    batch = shards.read(directory, PREFIX, lambda r: r.get("prediction_id") in wanted, stems)
     return {r["prediction_id"]: (r, img) for r, img in zip(batch.records, batch.images, strict=True)}

@@ -137,6 +137,12 @@ class ShardWriter:
             total -= sizes[stem]
 
 
+def started(stem: Path) -> float | None:
+    """When a shard was started (seconds since the epoch, from its name), None if not one of ours."""
+    parts = stem.name.rsplit("-", 2)
+    return int(parts[1]) / 1e9 if len(parts) == 3 and parts[1].isdigit() else None
+
+
 def _pid_of(stem: Path) -> int | None:
     tail = stem.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None

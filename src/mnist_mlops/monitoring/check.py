@@ -3,7 +3,6 @@ champion's reference, and decide whether there is a reason to retrain."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,12 +68,21 @@ def labels_in(examples: feedback.Examples, start: datetime, end: datetime) -> li
     return [r for r in examples.records if start <= prediction_log.parse_time(r["time"]) < end]
 
 
-def new_labels(paths: Paths, examples: feedback.Examples) -> int:
+def new_labels(paths: Paths, params: Params) -> int:
     """Labels accepted since the data version in data/ was made (its data/feedback.json, which
-    the training flow's fetch step writes), i.e. what a training run would add now."""
-    meta = paths.data / "feedback.json"
-    newest = json.loads(meta.read_text()).get("newest") if meta.exists() else None
-    return feedback.newer_than(examples, newest)
+    the training flow's fetch step writes), i.e. what a training run would add now: screened by
+    the fetch step's own code, so a label it would hold back (a blank digit, a copy of a test
+    digit, an over-full class) never asks for a retrain that cannot change anything."""
+    from mnist_mlops.training.data import DataError, Digits, feedback_meta, read_data
+    from mnist_mlops.training.fetch import screened_labels
+
+    try:
+        data, meta = read_data(paths.data), feedback_meta(paths.data)
+    except DataError:  # no data version yet: every usable label is new
+        return len(feedback.accepted(paths.feedback))
+    base = int(meta["base"]) if meta else len(data.labels)
+    screened = screened_labels(Digits(data.images[:base], data.labels[:base]), paths.feedback, params)
+    return feedback.newer_than(screened.examples, meta["newest"] if meta else None)
 
 
 @dataclass
@@ -138,14 +146,14 @@ class Result:
 
 
 def run_check(paths: Paths, params: Params, reference: Reference, start: datetime, end: datetime,
-              log_dir: Path | None = None, feedback_dir: Path | None = None) -> Result:
-    """Everything the monitor measures over [start, end), and its decision."""
+              log_dir: Path | None = None) -> Result:
+    """Everything the monitor measures over [start, end), and its decision. The labels are the
+    store the service writes and the fetch step reads (`Paths.feedback`)."""
     m = params.monitor
     traffic = read_traffic(log_dir or paths.prediction_log, start, end)
     result = Result(start, end, reference.version, traffic)
-    labels = feedback.accepted(feedback_dir or paths.feedback)  # read once: live accuracy and new labels
-    result.accuracy = by_version(labels_in(labels, start, end))
-    result.new_labels = new_labels(paths, labels) if params.data.feedback else 0
+    result.accuracy = by_version(labels_in(feedback.accepted(paths.feedback), start, end))
+    result.new_labels = new_labels(paths, params) if params.data.feedback else 0
     n = len(traffic.records)
     if n == 0:
         result.verdict = NO_TRAFFIC
@@ -164,17 +172,37 @@ def run_check(paths: Paths, params: Params, reference: Reference, start: datetim
 
 
 def reasons(result: Result, params: Params) -> list[str]:
-    """Why to retrain, in words; empty when nothing calls for it."""
+    """Why to retrain, in words; empty when nothing calls for it.
+
+    Live accuracy is judged on the champion's own answers only (an old version's errors say
+    nothing about the model serving now), and only when even the upper end of its 95 % Wilson
+    interval is below the floor: 18 of 20 right is no evidence against a 0.97 model.
+    """
     out = []
     moved = [c for c in result.checks if c.drifted]
     if moved:
         out.append("drift in " + ", ".join(f"{c.name} ({'PSI' if c.name == 'classes' else 'KS D'} {c.effect:.2f})"
                                            for c in moved)
                    + f" >= monitor.drift_threshold {params.monitor.drift_threshold:g}")
-    live = result.accuracy.get("all")
-    if live is not None and live.n >= params.monitor.min_labels and live.value < params.evaluate.min_accuracy:
-        out.append(f"live accuracy {live.value:.3f} on {live.n} labels < evaluate.min_accuracy "
-                   f"{params.evaluate.min_accuracy:g}")
+    live = result.accuracy.get(result.champion)
+    floor = params.evaluate.min_accuracy
+    if live is not None and live.n >= params.monitor.min_labels and live.high < floor:
+        out.append(f"live accuracy of champion v{result.champion} {live.value:.3f} (95% CI up to {live.high:.3f}) "
+                   f"on {live.n} labels < evaluate.min_accuracy {floor:g}")
     if params.data.feedback and result.new_labels >= max(1, params.data.feedback_min_new):
         out.append(f"{result.new_labels} new labels >= data.feedback_min_new {params.data.feedback_min_new}")
     return out
+
+
+def evidence(result: Result, data_md5: str | None) -> str:
+    """A fingerprint of what a retrain would be started for: the champion, the data version,
+    what drifted, the champion's labels and the new labels. A check that finds the same
+    fingerprint as the one that last started a retrain does not start another (drift lasts
+    until the data changes; a retrain on the same evidence would change nothing)."""
+    import hashlib
+    import json
+
+    live = result.accuracy.get(result.champion)
+    facts = {"champion": result.champion, "data": data_md5, "drifted": sorted(result.drifted),
+             "labels": [live.n, live.correct] if live is not None else None, "new_labels": result.new_labels}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]

@@ -151,8 +151,8 @@ def serve_command(root: Path, host: str, port: int, pin: str | None,
            MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
            FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds),
            # The log and the labels live in the project (unless the environment says where).
-           prediction_log.DIR_ENV: os.environ.get(prediction_log.DIR_ENV) or str(Paths(root).prediction_log),
-           feedback.DIR_ENV: os.environ.get(feedback.DIR_ENV) or str(Paths(root).feedback),
+           prediction_log.DIR_ENV: str(Paths(root).prediction_log),
+           feedback.DIR_ENV: str(Paths(root).feedback),
            prediction_log.ON_ENV: "1" if params.serve.log_predictions else "0",
            prediction_log.MAX_MB_ENV: repr(params.serve.log_max_mb)}
     if env["MLFLOW_TRACKING_URI"].startswith("sqlite"):  # a fresh connection per poll: a moved or

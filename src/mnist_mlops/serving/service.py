@@ -33,6 +33,7 @@ batch size, never `model.predict` (~50 ms a call). Build arguments (`bentoml bui
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import hmac
 import logging
@@ -49,6 +50,7 @@ from pydantic_core import PydanticCustomError
 
 from mnist_mlops import feedback, prediction_log
 from mnist_mlops.config import MODEL_NAME, ServeParams
+from mnist_mlops.digit_features import has_ink
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 from mnist_mlops.scoring import load_keras
 from mnist_mlops.serving.follow import (
@@ -188,6 +190,9 @@ class ModelInfo(BaseModel):
     mode: str = Field(description="follow: swaps to each new champion; pinned: serves one version")
     last_reload_error: str | None = None
     registry_reachable: bool | None = None
+    champion_version: str | None = Field(None, description="the version the champion alias names (follow mode)")
+    behind: bool | None = Field(None, description="true while the champion is not the version answering")
+    refused_version: str | None = Field(None, description="a champion this worker cannot serve, until the alias moves")
     bentoml_model: str
     device: str
 
@@ -222,7 +227,7 @@ def parse_feedback(body: bytes, max_items: int = ARGS.max_feedback_items) -> dic
 
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be a label
         raise bad('the body is not JSON: send {"prediction_id": "...", "label": 7} or a list of them') from None
     items = data if isinstance(data, list) else [data]
     if not items:
@@ -411,7 +416,10 @@ def _metrics() -> dict:
         "version": Gauge("mnist_served_model_version", "registered version this worker serves",
                          multiprocess_mode="liveall"),
         "reloads": Counter("mnist_model_reloads_total", "champion changes loaded and swapped in"),
-        "failures": Counter("mnist_model_reload_failures_total", "versions refused: unloadable or failing the canary"),
+        "failures": Counter("mnist_model_reload_failures_total",
+                            "failed loads: refused (unloadable, failing the canary) or to be retried"),
+        "behind": Gauge("mnist_follower_behind", "1 while the champion alias names a version this worker does "
+                        "not serve (refused, or being retried)", multiprocess_mode="liveall"),
         "seconds": Histogram("mnist_model_reload_seconds", "seconds to load, trace and check a new version",
                              buckets=(0.5, 1, 2, 5, 10, 20, 40, 80)),
     }
@@ -436,7 +444,10 @@ class MnistClassifier:
     def __init__(self) -> None:
         self.device = configure_tensorflow()
         self.mode = "follow" if os.environ.get(FOLLOW_ENV) == "1" else "pinned"
-        self.min_accuracy = float(os.environ.get(MIN_ACCURACY_ENV, "0"))
+        # The floor: evaluate.min_accuracy (`mnist-mlops serve` sets it); without it, each
+        # version's own gate.min_accuracy tag (a container following the champion).
+        floor = os.environ.get(MIN_ACCURACY_ENV)
+        self.min_accuracy = float(floor) if floor else None
         self.active = self._first_model()
         self.follower: ChampionFollower | None = None
         self._follow_task: asyncio.Task | None = None
@@ -515,8 +526,9 @@ class MnistClassifier:
         if self.log is not None:
             self.log.flush()
         found = prediction_log.find(self.log_dir, ids)
+        now = time.time()
         fresh = {i for i in ids - found.keys()
-                 if (t := prediction_log.id_time(i)) is not None and time.time() - t < 4 * prediction_log.FLUSH_SECONDS}
+                 if (t := prediction_log.id_time(i)) is not None and 0 <= now - t < 4 * prediction_log.FLUSH_SECONDS}
         if fresh:
             time.sleep(2 * prediction_log.FLUSH_SECONDS + 0.1)
             found |= prediction_log.find(self.log_dir, fresh)
@@ -531,9 +543,23 @@ class MnistClassifier:
             why = " (the prediction log is off: serve.log_predictions=false)" if self.log is None else ""
             return 404, error_body(404, "unknown_prediction", f"unknown prediction_id {missing[0]!r}{more}{why}",
                                    "prediction_id")
+        images = np.stack([found[pid][1] for pid in labels])
+        if not (inked := has_ink(images)).all():
+            blank = [pid for pid, ok in zip(labels, inked, strict=True) if not ok]
+            more = f" and {len(blank) - 1} more" if len(blank) > 1 else ""
+            return 400, error_body(400, "no_ink", f"prediction {blank[0]!r}{more} was of a blank digit (no ink): "
+                                   "there is no digit to label", "prediction_id")
         records = [{"label": label, "source": "feedback", "prediction_id": pid, "predicted": found[pid][0]["digit"],
                     "model_version": found[pid][0]["model_version"]} for pid, label in labels.items()]
-        self.feedback.add(records, np.stack([found[pid][1] for pid in labels]))
+        try:
+            self.feedback.add(records, images)
+        except OSError as exc:  # a full disk: nothing was stored (the append is all or nothing)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            status = 507 if full else 503
+            logger.error("feedback store: %d labels not stored: %s", len(records), exc)
+            return status, error_body(status, "storage_full" if full else "storage_unavailable",
+                                      f"labels not stored: {exc.strerror or exc}; nothing was stored, "
+                                      "send them again later", "body")
         return 200, {"stored": len(records),
                      "items": [{k: r[k] for k in ("prediction_id", "label", "predicted")} for r in records]}
 
@@ -543,6 +569,9 @@ class MnistClassifier:
                          test_accuracy=a.test_accuracy, canary_accuracy=a.canary_accuracy, source=a.source,
                          loaded_at=a.loaded_at, mode=self.mode, last_reload_error=f.state.last_error if f else None,
                          registry_reachable=f.state.registry_reachable if f else None,
+                         champion_version=f.state.champion if f else None,
+                         behind=f.state.behind(a.version) if f else None,
+                         refused_version=f.state.refused if f else None,
                          bentoml_model=str(self.bento_model.tag), device=self.device)
 
     def probabilities(self, x: np.ndarray, active: LoadedModel | None = None) -> np.ndarray:

@@ -21,8 +21,9 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +50,11 @@ class FetchResult:
     source: str
     feedback: int = 0  # labelled digits from the feedback store in this data version
     kept: int = 0  # new labelled digits left for a later version (fewer than data.feedback_min_new)
+    screened: dict[str, int] = field(default_factory=dict)  # held back: leaks_blocked, blank, capped
 
 
-FeedbackRows = Callable[[Digits, Path], tuple[Digits, "dict | None", int]]
+# (base digits, data/) -> (digits with feedback, data/feedback.json contents, kept for later, screening)
+FeedbackRows = Callable[[Digits, Path], tuple[Digits, "dict | None", int, Any]]
 
 
 class DataError(UserError):
@@ -300,16 +303,18 @@ def fetch(params: DataParams, data_dir: Path, cache: Path, feedback: FeedbackRow
     """Load, validate and atomically store the configured source in `data_dir`.
 
     `feedback(base, data_dir)` (mnist_mlops.training.fetch) adds labelled digits after the base
-    rows and returns (digits, data/feedback.json contents, new digits kept for later).
+    rows and returns (digits, data/feedback.json contents, new digits kept for later, screening).
+    The base source is validated alone: labels are screened to keep the whole within limits.
     """
     digits, origin = load_source(params, cache)
     digits = validate(digits, params.max_class_imbalance)
-    meta, kept = None, 0
+    meta, kept, screened = None, 0, None
     if feedback is not None:
-        digits, meta, kept = feedback(digits, data_dir)
+        digits, meta, kept, screened = feedback(digits, data_dir)
         digits = validate(digits, params.max_class_imbalance)
     changed = write_data(digits, data_dir, meta)
-    return FetchResult(data_dir, changed, len(digits.labels), origin, meta["count"] if meta else 0, kept)
+    return FetchResult(data_dir, changed, len(digits.labels), origin, meta["count"] if meta else 0, kept,
+                       {k: v for k, v in screened.counts().items() if k != "accepted"} if screened else {})
 
 
 def npz_bytes(digits: Digits) -> bytes:

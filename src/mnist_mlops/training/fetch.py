@@ -2,6 +2,11 @@
 
 Not a DVC stage (data/ is `dvc add`-ed, then pinned by data.dvc), so the stages never depend
 on the feedback store's code; they read data/ and data/feedback.json only.
+
+Labels are screened before they become data (`feedback.screen`): a blank digit, a copy of a
+base test digit (people try the service with MNIST's own test digits; the gate scores on
+those), or more of a class than `data.max_class_imbalance` allows never reaches data/, so
+labels can neither leak the test split into training nor make the pipeline unrunnable.
 """
 
 from __future__ import annotations
@@ -11,35 +16,46 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops import feedback
-from mnist_mlops.config import DataParams, Paths
+from mnist_mlops.config import Params, Paths
+from mnist_mlops.splits import base_test_images
 from mnist_mlops.training.data import Digits, FetchResult, feedback_meta
 from mnist_mlops.training.data import fetch as fetch_data
 
 
-def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path, min_new: int) -> tuple[Digits, dict | None, int]:
-    """Base digits + the labelled digits; returns (digits, data/feedback.json contents, kept for later).
+def screened_labels(base: Digits, feedback_dir: Path, params: Params, until: str | None = None) -> feedback.Screened:
+    """The store's labelled digits (up to `until`) that training may use, with what was held back."""
+    examples = feedback.accepted(feedback_dir, until=until)
+    return feedback.screen(examples, base.labels, base_test_images(base.images, base.labels, params.prepare),
+                           params.data.max_class_imbalance)
 
-    Fewer than `min_new` digits labelled since the current data version are kept for later:
-    data/ keeps the examples it had (labels as they were then), so data.dvc stays put and a
-    scheduled run trains nothing.
+
+def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path,
+                  params: Params) -> tuple[Digits, dict | None, int, feedback.Screened]:
+    """Base digits + the screened labelled digits; returns (digits, data/feedback.json contents,
+    new digits kept for later, the screening).
+
+    Fewer than `data.feedback_min_new` usable digits labelled since the current data version
+    are kept for later: data/ keeps the examples it had (labels as they were then), so data.dvc
+    stays put and a scheduled run trains nothing.
     """
     previous = feedback_meta(data_dir)
     since = previous["newest"] if previous else None
-    examples = feedback.accepted(feedback_dir)
-    new = feedback.newer_than(examples, since)
-    kept = 0
-    if new < min_new:
-        kept = new
-        examples = feedback.accepted(feedback_dir, until=since) if since else feedback.Examples.empty()
+    screened = screened_labels(base, feedback_dir, params)
+    examples = screened.examples
+    kept = feedback.newer_than(examples, since)
+    if kept >= params.data.feedback_min_new:
+        kept = 0
+    else:
+        examples = screened_labels(base, feedback_dir, params, until=since).examples if since else examples[:0]
     if not len(examples):
-        return base, None, kept
+        return base, None, kept, screened
     digits = Digits(np.concatenate([base.images, examples.images]), np.concatenate([base.labels, examples.labels]))
-    return digits, {"base": len(base.labels), "count": len(examples), "newest": examples.newest}, kept
+    return digits, {"base": len(base.labels), "count": len(examples), "newest": examples.newest}, kept, screened
 
 
-def fetch(params: DataParams, paths: Paths) -> FetchResult:
-    """data/ from the configured source, plus the labelled digits when `data.feedback` is on."""
-    if not params.feedback:
-        return fetch_data(params, paths.data, paths.cache)
-    return fetch_data(params, paths.data, paths.cache,
-                      lambda base, data_dir: with_feedback(base, data_dir, paths.feedback, params.feedback_min_new))
+def fetch(params: Params, paths: Paths) -> FetchResult:
+    """data/ from the configured source, plus the screened labelled digits when `data.feedback` is on."""
+    if not params.data.feedback:
+        return fetch_data(params.data, paths.data, paths.cache)
+    return fetch_data(params.data, paths.data, paths.cache,
+                      lambda base, data_dir: with_feedback(base, data_dir, paths.feedback, params))

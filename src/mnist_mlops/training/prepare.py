@@ -1,4 +1,4 @@
-"""Prepare: normalise the raw digits and split them, stratified and seeded.
+"""Prepare: normalise the raw digits and split them (mnist_mlops.splits), stratified and seeded.
 
 The base source's digits are split exactly as they always were, so the base test split the
 gate compares champion and challenger on never changes when feedback arrives. Labelled
@@ -8,19 +8,18 @@ feedback digits (the rows after `base` in data/feedback.json) go to train, val o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops.config import Params, Paths, PrepareParams
+from mnist_mlops.config import Params, Paths
 from mnist_mlops.errors import UserError
 from mnist_mlops.preprocess import normalize
+from mnist_mlops.splits import FEEDBACK_SPLIT, split_indices
 from mnist_mlops.training.data import Digits, feedback_meta, read_data, validate
 
-FEEDBACK_SPLIT = "feedback"  # the held-out feedback slice: prepared/feedback_{x,y}.npy
 FEEDBACK_INFO = "feedback.json"  # prepared/feedback.json: counts per side, newest label time
 
 
@@ -30,40 +29,11 @@ class Split:
     y: np.ndarray  # uint8 N
 
 
-def stratified_split(labels: np.ndarray, params: PrepareParams) -> dict[str, np.ndarray]:
-    """Indices of train/val/test with every digit in the same proportion in each."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=params.test_fraction, stratify=labels,
-                                  random_state=params.seed)
-    train, val = train_test_split(rest, test_size=params.val_fraction, stratify=labels[rest],
-                                  random_state=params.seed)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
 def _raw(paths: Paths, params: Params) -> tuple[Digits, int]:
     """data/ validated, and how many of its rows are the base source's (the rest are feedback)."""
     digits = validate(read_data(paths.data), params.data.max_class_imbalance)
     meta = feedback_meta(paths.data)
     return digits, (int(meta["base"]) if meta else len(digits.labels))
-
-
-def feedback_sides(images: np.ndarray, slice_fraction: float, val_fraction: float) -> np.ndarray:
-    """'slice', 'val' or 'train' per feedback digit, from a hash of its pixels (stable across versions)."""
-    u = np.array([int(hashlib.sha256(img.tobytes()).hexdigest()[:8], 16) / 2**32 for img in images])
-    return np.where(u < slice_fraction, "slice",
-                    np.where(u < slice_fraction + (1 - slice_fraction) * val_fraction, "val", "train"))
-
-
-def split_indices(digits: Digits, base: int, params: PrepareParams) -> dict[str, np.ndarray]:
-    """Rows of each split: the base rows split as always, feedback rows by their pixel hash."""
-    splits = stratified_split(digits.labels[:base], params)
-    sides = feedback_sides(digits.images[base:], params.feedback_slice_fraction, params.val_fraction)
-    extra = {side: base + np.flatnonzero(sides == side) for side in ("train", "val", "slice")}
-    return {"train": np.concatenate([splits["train"], extra["train"]]),
-            "val": np.concatenate([splits["val"], extra["val"]]),
-            "test": splits["test"], FEEDBACK_SPLIT: extra["slice"]}
 
 
 def prepare(paths: Paths, params: Params) -> dict[str, int]:
@@ -72,7 +42,7 @@ def prepare(paths: Paths, params: Params) -> dict[str, int]:
     x = normalize(digits.images)
     out = paths.prepared
     out.mkdir(parents=True, exist_ok=True)
-    splits = split_indices(digits, base, params.prepare)
+    splits = split_indices(digits.images, digits.labels, base, params.prepare)
     sizes = {}
     for name, idx in splits.items():
         np.save(out / f"{name}_x.npy", x[idx], allow_pickle=False)
@@ -105,7 +75,7 @@ def _rebuilt(paths: Paths, params: Params, name: str) -> Split:
     if (paths.prepared / f"{name}_x.npy").exists():
         return load_split(paths.prepared, name)
     digits, base = _raw(paths, params)
-    idx = split_indices(digits, base, params.prepare)[name]
+    idx = split_indices(digits.images, digits.labels, base, params.prepare)[name]
     return Split(normalize(digits.images[idx]), digits.labels[idx])
 
 
