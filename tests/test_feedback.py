@@ -64,8 +64,11 @@ def predict(server: Server, images: np.ndarray) -> list[dict]:
 
 
 def test_prediction_ids_and_bad_feedback_stores_nothing(project: Project, server: Server) -> None:
-    one = server.predict(np.zeros((28, 28), int).tolist())
+    digit = np.roll(new_digits(project)[0][0], 2, axis=1)  # a real digit no data holds
+    one = server.predict(digit.tolist())
     pid = one.json()[0]["prediction_id"]
+    blank = predict(server, np.zeros((28, 28), np.uint8))[0]["prediction_id"]
+    future = f"{(time.time_ns() // 1_000_000 + 3_600_000):012x}" + "0" * 16
     assert one.headers["x-prediction-id"] == pid and len(pid) == 28
     many = predict(server, np.zeros((3, 28, 28), np.uint8))
     assert len({p["prediction_id"] for p in many}) == 3 and pid not in {p["prediction_id"] for p in many}
@@ -81,6 +84,10 @@ def test_prediction_ids_and_bad_feedback_stores_nothing(project: Project, server
         (json.dumps([]), 400, "empty list"),
         (json.dumps([{"prediction_id": pid, "label": 1}] * 1001), 400, "too many items"),
         (json.dumps({"prediction_id": "0" * 28, "label": 3}), 404, "unknown prediction_id"),
+        (json.dumps({"prediction_id": future, "label": 3}), 404, "unknown prediction_id"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "not JSON"),  # nested too deep: a 400, not a 500
+        (json.dumps({"prediction_id": blank, "label": 0}), 400, "blank digit (no ink)"),
+        (json.dumps([{"prediction_id": pid, "label": 3}, {"prediction_id": blank, "label": 0}]), 400, "no ink"),
         (json.dumps([{"prediction_id": pid, "label": 3}, {"prediction_id": "f" * 28, "label": 3}]), 404,
          "unknown prediction_id 'ffff"),
     ]
@@ -95,8 +102,70 @@ def test_prediction_ids_and_bad_feedback_stores_nothing(project: Project, server
     assert store_size(project) == 1
 
 
+def test_a_full_disk_stores_no_label_and_the_next_ones_keep_their_digits(project: Project, server: Server) -> None:
+    """The feedback store's records file on a full disk (a real ENOSPC, /dev/full): 507 and nothing
+    stored; then labels are taken again, each with its own digit."""
+    images = np.roll(new_digits(project)[0][:3], 2, axis=1)
+    ids = [p["prediction_id"] for p in predict(server, images)]
+    [stem] = shards.shard_stems(project.root / "feedback", feedback.PREFIX)
+    records = stem.with_suffix(".jsonl")
+    saved = records.read_bytes()
+    records.unlink()
+    records.symlink_to("/dev/full")
+    try:
+        full = server.client.post("/feedback", json={"prediction_id": ids[0], "label": 1})
+    finally:
+        records.unlink()
+        records.write_bytes(saved)
+    assert full.status_code == 507 and "nothing was stored" in full.json()["error"], full.text
+    assert store_size(project) == 1
+    ok = server.client.post("/feedback", json=[{"prediction_id": i, "label": 1} for i in ids[1:]])
+    assert ok.status_code == 200, ok.text
+    batch = feedback.read_all(project.root / "feedback")
+    by_id = {r.get("prediction_id"): img for r, img in zip(batch.records, batch.images, strict=True)}
+    assert ids[0] not in by_id
+    assert all(np.array_equal(by_id[i], img) for i, img in zip(ids[1:], images[1:], strict=True))
+    assert len([r for r in batch.records if r.get("prediction_id") in ids]) == 2
+    drop_labels(project, set(ids))
+
+
+def test_a_replica_sharing_the_stores_takes_labels_for_the_others_answers(project: Project, server: Server,
+                                                                          tmp_path_factory) -> None:
+    """Two services on one log and label store (replicas on shared storage): a label sent to one
+    for an answer the other gave, at once, is found and stored."""
+    env = {"MNIST_MLOPS_PREDICTION_LOG": str(project.root / "logs" / "predictions"),
+           "MNIST_MLOPS_FEEDBACK": str(project.root / "feedback")}
+    replica = Project(project.root, {**project.env, **env})
+    with serving(replica, tmp_path_factory.mktemp("replica"), records_in_project=True) as other:
+        digit = np.roll(new_digits(project)[0][5], 2, axis=1)
+        pid = predict(server, digit)[0]["prediction_id"]
+        resp = other.client.post("/feedback", json={"prediction_id": pid, "label": 4})
+        assert resp.status_code == 200, resp.text
+    batch = feedback.read_all(project.root / "feedback")
+    [row] = [i for i, r in enumerate(batch.records) if r.get("prediction_id") == pid]
+    assert np.array_equal(batch.images[row], digit)
+    drop_labels(project, {pid})
+
+
+def drop_labels(project: Project, ids: set[str]) -> None:
+    """Remove the shards that hold only these side tests' labels: the loop below counts its own."""
+    for stem in shards.shard_stems(project.root / "feedback", feedback.PREFIX):
+        records = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines() if line]
+        if records and all(r.get("prediction_id") in ids for r in records):
+            stem.with_suffix(".u8").unlink()
+            stem.with_suffix(".jsonl").unlink()
+    assert store_size(project) == 1
+
+
 def test_labels_become_the_next_data_version_and_the_gate_decides_on_both(project: Project, server: Server) -> None:
     images, truth = new_digits(project)
+    # People try the service with MNIST's own test digits: 30 base test digits, sent as the
+    # integers they are and labelled right, must never reach train or val.
+    test_x = np.rint(np.load(project.root / "artifacts" / "prepared" / "test_x.npy")[100:130, ..., 0] * 255)
+    test_y = np.load(project.root / "artifacts" / "prepared" / "test_y.npy")[100:130]
+    copies = predict(server, test_x.astype(np.uint8))
+    leaked = [{"prediction_id": a["prediction_id"], "label": int(y)} for a, y in zip(copies, test_y, strict=True)]
+    assert server.client.post("/feedback", json=leaked).status_code == 200
     answers = [p for start in range(0, 40, 10) for p in predict(server, images[start:start + 10])]
     ids = [a["prediction_id"] for a in answers]
     chosen = list(range(15)) + list(range(30, 40))  # 15 shifted, the 10 turned ones: 25 labels
@@ -109,14 +178,15 @@ def test_labels_become_the_next_data_version_and_the_gate_decides_on_both(projec
     assert corrected > 0, "the turned digits are meant to be mispredicted: some labels correct the model"
 
     summary = flat(project.cli("feedback").stdout)
-    assert "labelled digits 26 " in summary, summary  # + the zero digit of the first test
-    assert "new since the current data version 26 (data/ has 0)" in summary
+    assert "labelled digits 56 " in summary, summary  # + the digit of the first test, + the 30 test copies
+    assert "new since the current data version 56 (data/ has 0)" in summary
 
     prepared = project.root / "artifacts" / "prepared"
     test_before = (prepared / "test_x.npy").read_bytes(), (prepared / "test_y.npy").read_bytes()
     pin_before = (project.root / "data.dvc").read_text()
     out = flat(project.cli("run", "--no-package").stdout)
     assert "labelled by people 26 " in out and "trained yes" in out, out
+    assert "labels held back: copies of base test digits (never trained on) 30 " in out, out
     assert (project.root / "data.dvc").read_text() != pin_before, "new labels → a new data version"
     assert ((prepared / "test_x.npy").read_bytes(), (prepared / "test_y.npy").read_bytes()) == test_before
     meta = json.loads((project.root / "data" / "feedback.json").read_text())
@@ -127,6 +197,11 @@ def test_labels_become_the_next_data_version_and_the_gate_decides_on_both(projec
     assert str(version.version) == "2"
     run = client.get_run(version.run_id)
     assert run.data.metrics["feedback_digits"] == 26 and "feedback_accuracy" in run.data.metrics
+    assert run.data.metrics["feedback.leaks_blocked"] == 30
+    seen = {img.tobytes() for img in test_x.astype(np.uint8)}
+    for split in ("train", "val"):
+        held = np.rint(np.load(prepared / f"{split}_x.npy")[..., 0] * 255).astype(np.uint8)
+        assert not [img for img in held if img.tobytes() in seen], f"a labelled test digit reached {split}"
     assert run.data.tags["data.feedback_count"] == "26"
     reason = version.tags["gate.reason"]
     assert "feedback slice" in reason and "test" in reason, reason

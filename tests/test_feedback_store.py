@@ -190,18 +190,18 @@ def labelled(store_dir: Path, n: int, seed: int) -> None:
 def test_data_grows_with_enough_new_labels_and_the_base_test_split_stays(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
     params = validate({"data": {"feedback_min_new": 20}})
-    assert fetch(params.data, paths).feedback == 0
+    assert fetch(params, paths).feedback == 0
     assert not (paths.data / "feedback.json").exists()  # no feedback: data/ exactly as before
     prepare(paths, params)
     test_before = (paths.prepared / "test_x.npy").read_bytes()
     before = len(load_split(paths.prepared, "train").y) + len(load_split(paths.prepared, "val").y)
 
     labelled(paths.feedback, 10, seed=1)
-    r = fetch(params.data, paths)
+    r = fetch(params, paths)
     assert (r.changed, r.feedback, r.kept) == (False, 0, 10)  # too few: kept for later
 
     labelled(paths.feedback, 15, seed=2)
-    r = fetch(params.data, paths)
+    r = fetch(params, paths)
     assert (r.changed, r.feedback, r.kept, r.count) == (True, 25, 0, 5025)
     meta = read_data(paths.data)
     assert len(meta.labels) == 5025
@@ -211,7 +211,7 @@ def test_data_grows_with_enough_new_labels_and_the_base_test_split_stays(tmp_pat
     assert sizes[FEEDBACK_SPLIT] > 0 and sizes["test"] == 1000
 
     labelled(paths.feedback, 5, seed=3)
-    assert fetch(params.data, paths).changed is False  # 5 new: below the minimum, data/ unchanged
+    assert fetch(params, paths).changed is False  # 5 new: below the minimum, data/ unchanged
 
 
 def labelled_folder(root: Path) -> Path:
@@ -269,3 +269,69 @@ def test_write_data_without_feedback_is_byte_identical(tmp_path: Path) -> None:
     """data/ without feedback holds the two .npy files only: the committed data.dvc stays valid."""
     write_data(load_sample(), tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["images.npy", "labels.npy"]
+
+
+def test_labels_never_make_the_data_unbalanced_nor_the_pipeline_unrunnable(tmp_path: Path) -> None:
+    """600 labels of one digit would push the sample (500 per class) past data.max_class_imbalance=1.5:
+    the class gets only what fits (the oldest labels first), the rest wait, and fetch never fails."""
+    paths = Paths(tmp_path)
+    params = validate({"data": {"feedback_min_new": 1, "max_class_imbalance": 1.5}})
+    base = load_sample()
+    sevens = np.roll(base.images[base.labels == 7][:300], 3, axis=2)
+    store = feedback.FeedbackStore(paths.feedback)
+    for _ in range(2):  # the same 300 digits shifted twice: 600 distinct labelled 7s
+        store.add([{"label": 7, "source": "import"}] * len(sevens), sevens)
+        sevens = np.roll(sevens, 1, axis=1)
+    r = fetch(params, paths)
+    assert r.changed and r.feedback == 250 and r.screened["capped"] == 350, r  # 500 + 250 = 1.5 × 500
+    counts = np.bincount(read_data(paths.data).labels, minlength=10)
+    assert counts.max() / counts.min() <= 1.5 and counts[7] == 750
+
+
+def test_blank_digits_never_become_data(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    params = validate({"data": {"feedback_min_new": 1}})
+    ink = np.roll(load_sample().images[:3], 3, axis=2)
+    blank = np.zeros((2, 28, 28), np.uint8)
+    blank[1, 14, 10:14] = 255  # four pixels of ink: a speck, not a digit
+    feedback.FeedbackStore(paths.feedback).add([{"label": 1, "source": "import"}] * 5, np.concatenate([ink, blank]))
+    r = fetch(params, paths)
+    assert (r.feedback, r.screened["blank"]) == (3, 2)
+
+
+def test_the_stores_are_one_setting_for_the_service_fetch_and_monitor(tmp_path: Path, monkeypatch) -> None:
+    """$MNIST_MLOPS_FEEDBACK (and $MNIST_MLOPS_PREDICTION_LOG), which the service honours, is where
+    the fetch step and the monitor look too: labels stored there become data."""
+    from mnist_mlops.monitoring.check import new_labels
+
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("MNIST_MLOPS_FEEDBACK", str(shared / "labels"))
+    monkeypatch.setenv("MNIST_MLOPS_PREDICTION_LOG", str(shared / "log"))
+    paths = Paths(tmp_path / "project")
+    assert (paths.feedback, paths.prediction_log) == (shared / "labels", shared / "log")
+    labelled(shared / "labels", 25, seed=4)
+    params = validate({"data": {"feedback_min_new": 20}})
+    assert new_labels(paths, params) == 25  # the monitor sees what a retrain would add...
+    assert fetch(params, paths).feedback == 25  # ... and the fetch step adds it
+    assert new_labels(paths, params) == 0
+
+
+def test_lookups_read_only_the_shards_of_the_ids_moment(tmp_path: Path) -> None:
+    """An id names the millisecond it was made: a shard started long after it, or last written
+    long before, cannot hold it and is not read; an id from the future is simply unknown."""
+    import os
+
+    old = shards.ShardWriter(tmp_path, prediction_log.PREFIX, shard_bytes=1 << 20)
+    ids = prediction_log.new_ids(2)
+    old.append([{"prediction_id": ids[0]}], digits(1))
+    day_ago = time.time() - 86400
+    old_stem = shards.shard_stems(tmp_path, prediction_log.PREFIX)[0]
+    os.utime(old_stem.with_suffix(".jsonl"), (day_ago, day_ago))  # last written a day ago...
+    assert prediction_log.find(tmp_path, {ids[0]}) == {}  # ... so it cannot hold an id of now
+    new = shards.ShardWriter(tmp_path, prediction_log.PREFIX, shard_bytes=1 << 20)
+    new.append([{"prediction_id": ids[1]}], digits(1, 1))
+    assert set(prediction_log.find(tmp_path, set(ids))) == {ids[1]}
+    future = f"{(time.time_ns() // 1_000_000 + 3_600_000):012x}" + ids[1][12:]
+    assert prediction_log.could_hold(shards.shard_stems(tmp_path, prediction_log.PREFIX)[-1], time.time())
+    assert prediction_log.find(tmp_path, {future}) == {}
+    assert prediction_log.id_time("z" * 28) is None and prediction_log.find(tmp_path, {"z" * 28}) == {}

@@ -6,6 +6,7 @@ corrections, the monitor retrains, the gate decides) answered without a restart.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -169,6 +170,35 @@ def test_broken_versions_are_refused_and_the_old_one_keeps_answering(two_version
     assert "mnist_model_reload_failures_total 2.0" in following.client.get("/metrics").text or failures
     set_champion(two_versions, "2")  # the next alias change is tried afresh
     wait_version(following, "2")
+
+
+def test_a_version_whose_artifacts_are_not_there_yet_is_retried_and_served(two_versions: Project,
+                                                                          following: Server, tmp_path: Path) -> None:
+    """A network blip while fetching a new champion's artifacts (here: its artifact folder is not
+    there yet) no longer blocks it until the alias moves: the worker retries with backoff, says
+    so in /model (behind the champion), and serves it once the artifacts answer."""
+    import mlflow
+
+    set_champion(two_versions, "1")
+    wait_version(following, "1")
+    client = two_versions.mlflow_client()
+    mlflow.set_tracking_uri(two_versions.env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(two_versions.env["MLFLOW_TRACKING_URI"])
+    good = client.get_model_version(MODEL_NAME, "2")
+    later = tmp_path / "arrives-later"
+    mv = client.create_model_version(MODEL_NAME, str(later), good.run_id,
+                                     tags={"test_accuracy": good.tags["test_accuracy"]})
+    set_champion(two_versions, str(mv.version))
+    deadline = time.monotonic() + 60
+    while "retrying in" not in str((info := following.client.get("/model").json())["last_reload_error"]):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.3)
+    assert info["model_version"] == "1" and info["behind"] is True and info["champion_version"] == str(mv.version)
+    assert info["refused_version"] is None and "cannot be fetched now" in info["last_reload_error"]
+    assert re.search(r"mnist_follower_behind(\{[^}]*\})? 1\.0", following.client.get("/metrics").text)
+    shutil.copytree(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/2")), later)
+    wait_version(following, str(mv.version), timeout=120)
+    assert following.client.get("/model").json()["behind"] is False
 
 
 def test_an_unreachable_store_keeps_serving_and_recovers(two_versions: Project, following: Server) -> None:

@@ -90,6 +90,22 @@ def test_raw_bodies_with_any_content_type(server: httpx.Client, body: bytes, cty
     ok(server.post(path, content=body, headers=headers))
 
 
+@FUZZ
+@given(value=json_values, raw=st.binary(max_size=1024), as_json=st.booleans())
+def test_feedback_with_arbitrary_bodies(server: httpx.Client, value, raw: bytes, as_json: bool) -> None:
+    body = json.dumps(value, allow_nan=True).encode() if as_json else raw
+    resp = server.post("/feedback", content=body, headers={"Content-Type": "application/json"})
+    ok(resp)
+    assert resp.status_code in (400, 404), (body[:200], resp.text[:300])  # no random body is a label
+
+
+@pytest.mark.parametrize("path", ["/predict", "/feedback"])
+def test_json_nested_too_deep_is_a_400(server: httpx.Client, path: str) -> None:
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"images": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
+        resp = server.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, (path, resp.status_code, resp.text[:300])
+
+
 def _png_like(data: st.DataObject) -> bytes:
     from PIL import Image
 

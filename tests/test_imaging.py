@@ -135,3 +135,33 @@ def test_enormous_images_are_refused_before_decoding() -> None:
 def test_to_mnist_rejects_non_2d() -> None:
     with pytest.raises(imaging.ImageError, match="2-D"):
         imaging.to_mnist(np.zeros((4, 4, 3)))
+
+
+def big_lit_paper(side: int) -> bytes:
+    """A `side`×`side` photo of paper lit from one side with a thick 7 on it (a PNG of a few kB)."""
+    y, x = np.ogrid[0:side, 0:side]
+    paper = (200 + 40 * x / side + 0 * y).astype(np.uint8)
+    img = Image.fromarray(np.broadcast_to(paper, (side, side)).copy())
+    draw = ImageDraw.Draw(img)
+    s = side / 10
+    draw.line([(3 * s, 3 * s), (7 * s, 3 * s), (4 * s, 8 * s)], fill=20, width=int(s * 0.8))
+    return png(img)
+
+
+def test_a_huge_upload_is_shrunk_before_any_float_work() -> None:
+    """5000×5000 pixels are shrunk to `WORK_SIDE` right after decoding: the float copies that
+    follow stay a few MB (they were ~1 GB for four such uploads at once), and the digit is the
+    one a 1000-pixel photo of the same paper gives."""
+    import tracemalloc
+
+    data = big_lit_paper(5000)
+    tracemalloc.start()
+    try:
+        digit = imaging.to_mnist(imaging.decode(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert imaging.decode(data).shape == (1000, 1000)
+    assert peak < 40 * 1024 * 1024, f"{peak / 2**20:.0f} MiB of numpy/Python allocations for one upload"
+    small = imaging.to_mnist(imaging.decode(big_lit_paper(1000)))
+    assert np.abs(digit.astype(int) - small.astype(int)).mean() < 8 and digit.max() == 255

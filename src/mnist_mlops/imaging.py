@@ -21,6 +21,7 @@ BOX = 20  # the digit is scaled to fit BOX×BOX ...
 SIZE = 28  # ... and centred in SIZE×SIZE
 DEFAULT_MAX_PIXELS = 25_000_000  # decoded width × height above which an image is refused
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+WORK_SIDE = 1024  # larger images are shrunk to this long side right after decoding
 FORMATS = ("PNG", "JPEG")
 
 
@@ -51,7 +52,11 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = D
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLarge(f"image is {width}×{height} pixels: at most {max_pixels} pixels allowed")
+            if img.format == "JPEG" and max(width, height) > WORK_SIDE:  # decode at a fraction of the size
+                img.draft(img.mode, (max(1, width * WORK_SIDE // max(width, height)),
+                                     max(1, height * WORK_SIDE // max(width, height))))
             img.load()
+            img = shrunk(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -64,6 +69,17 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = D
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     return to_grayscale(img)
+
+
+def shrunk(img):
+    """At most `WORK_SIDE` pixels on the long side (box-averaged: antialiased), before any float
+    work: the digit ends up 20×20, and a 5000×5000 photo as float32 copies is hundreds of MB."""
+    factor = -(-max(img.size) // WORK_SIDE)
+    if factor <= 1:
+        return img
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "transparency" in img.info or "A" in img.mode else "RGB")
+    return img.reduce(factor)
 
 
 def to_grayscale(img) -> np.ndarray:
@@ -97,8 +113,8 @@ def background(g: np.ndarray) -> np.ndarray | float:
     coef, *_ = np.linalg.lstsq(design, _border(g), rcond=None)
     if abs(coef[1]) * h / max(h, w) + abs(coef[2]) * w / max(h, w) < UNEVEN:
         return float(np.median(_border(g)))
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    return (coef[0] + coef[1] * yy + coef[2] * xx).astype(np.float32)
+    yy, xx = np.ogrid[0:h, 0:w]  # broadcast: one h×w array, not two float64 grids
+    return (coef[0] + coef[1] * (yy / max(h, w)) + coef[2] * (xx / max(h, w))).astype(np.float32)
 
 
 def noise_level(ink: np.ndarray) -> float:
