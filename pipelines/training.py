@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
-from mnist_mlops.feedback import HELD_BACK
+from mnist_mlops.feedback import held_back
 from mnist_mlops.platform import preload
 from mnist_mlops.platform.tracking import FLOW_RUN_ENV
 
@@ -82,9 +82,8 @@ def fetch(root: str, params: Params) -> dict:
     if result.kept:
         log.info("%s new labelled digits kept for later: fewer than data.feedback_min_new=%s",
                  result.kept, params.data.feedback_min_new)
-    for key, what in HELD_BACK.items():
-        if result.screened.get(key):
-            log.info("%s labelled digits held back: %s", result.screened[key], what)
+    if held := held_back(result.screened):
+        log.info("labelled digits held back from the data: %s", held)
     return {"count": result.count, "source": result.source, "changed": result.changed,
             "feedback": result.feedback, "kept": result.kept, "screened": result.screened}
 
@@ -202,8 +201,7 @@ def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
         "digits": fetched["count"],
         "labelled by people": fetched["feedback"] if not fetched["kept"] else
         f"{fetched['feedback']} ({fetched['kept']} new kept for later: fewer than data.feedback_min_new)",
-        **{f"labels held back: {what}": fetched["screened"][key] for key, what in HELD_BACK.items()
-           if fetched["screened"].get(key)},
+        **({"labels held back": held} if (held := held_back(fetched["screened"])) else {}),
         **({"data check": f"{drift}: restored from the source"} if drift else {}),
     }, fetched["screened"]
 

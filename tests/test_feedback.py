@@ -186,7 +186,7 @@ def test_labels_become_the_next_data_version_and_the_gate_decides_on_both(projec
     pin_before = (project.root / "data.dvc").read_text()
     out = flat(project.cli("run", "--no-package").stdout)
     assert "labelled by people 26 " in out and "trained yes" in out, out
-    assert "labels held back: copies of base test digits (never trained on) 30 " in out, out
+    assert "labels held back 30 test-digit copies " in out, out
     assert (project.root / "data.dvc").read_text() != pin_before, "new labels → a new data version"
     assert ((prepared / "test_x.npy").read_bytes(), (prepared / "test_y.npy").read_bytes()) == test_before
     meta = json.loads((project.root / "data" / "feedback.json").read_text())

@@ -134,6 +134,7 @@ def fetch(
 ) -> None:
     """Fetch the data source into data/ (validated, written atomically) without training."""
     from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.feedback import held_back
     from mnist_mlops.training.fetch import fetch as fetch_data
 
     root = _root()
@@ -143,15 +144,9 @@ def fetch(
     print_summary("mnist-mlops fetch", {"digits": result.count, "source": result.source,
                                          "labelled by people": result.feedback,
                                          **({"kept for later": result.kept} if result.kept else {}),
-                                         **held_back_rows(result.screened),
+                                         **({"labels held back": held} if (held := held_back(result.screened))
+                                            else {}),
                                          "data/": "updated" if result.changed else "unchanged"})
-
-
-def held_back_rows(screened: dict[str, int]) -> dict[str, str]:
-    """Summary rows for labels screened out of the data (only those that happened)."""
-    from mnist_mlops.feedback import HELD_BACK
-
-    return {f"labels held back: {what}": str(screened[key]) for key, what in HELD_BACK.items() if screened.get(key)}
 
 
 @app.command()

@@ -119,8 +119,13 @@ class Screened:
 
 
 # The summary's words for each count of `Screened`.
-HELD_BACK = {"leaks_blocked": "copies of base test digits (never trained on)", "blank": "blank digits (no ink)",
-             "capped": "over data.max_class_imbalance (kept for later)"}
+HELD_BACK = {"leaks_blocked": "test-digit copies", "blank": "blank", "capped": "over the class limit"}
+
+
+def held_back(screened: dict[str, int]) -> str | None:
+    """`30 test-digit copies, 2 blank`: the labels the fetch step kept out of the data (None: none)."""
+    parts = [f"{screened[key]} {what}" for key, what in HELD_BACK.items() if screened.get(key)]
+    return ", ".join(parts) or None
 
 
 def copies_of(images: np.ndarray, test_images: np.ndarray, chunk: int = 2048) -> np.ndarray:
