@@ -272,12 +272,20 @@ def serve(
 
     Ctrl-C stops it. `--pin VERSION` serves one version and watches nothing.
     """
+    import tempfile
+
     from mnist_mlops.serving.package import serve_command
 
-    cmd, env, tag = serve_command(_root(), host, port, pin, on_build=lambda msg: err_console.print(msg))
-    mode = f"pinned to v{pin}" if pin else "following the champion"
-    console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, /predict_image)")
-    raise typer.Exit(run_in_foreground(cmd, cwd=_root(), env=env))
+    root = _root()
+    # this serve's own /metrics files: a second serve beside it never mixes in or wipes them
+    with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-metrics-") as metrics_dir:
+        cmd, env, tag = serve_command(root, host, port, pin, Path(metrics_dir),
+                                      on_build=lambda msg: err_console.print(msg))
+        mode = f"pinned to v{pin}" if pin else "following the champion"
+        console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, "
+                      "/predict_image)")
+        code = run_in_foreground(cmd, cwd=root, env=env)
+    raise typer.Exit(code)
 
 
 @app.command()

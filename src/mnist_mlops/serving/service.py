@@ -177,19 +177,23 @@ class Prediction(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """GET /model. Every field but the last three describes the model answering now; those name
+    what they are: the follower's state and the model this Bento was built with (its fallback)."""
+
     model_name: str
-    model_version: str
-    run_id: str
-    data_md5: str | None = None
+    model_version: str = Field(description="the registered version answering now")
+    run_id: str = Field(description="the MLflow run that trained it")
+    data_md5: str | None = Field(None, description="the data version (data.dvc md5) it was trained on")
     test_accuracy: float | None = None
-    canary_accuracy: float | None = None
-    source: str = Field(description="registry (loaded from MLflow) or the Bento's own model")
+    canary_accuracy: float | None = Field(None, description="its score on the canary digits when swapped in")
+    source: str = Field(description="registry (loaded from MLflow) or `bento <tag>` (the Bento's own model)")
     loaded_at: str
     mode: str = Field(description="follow: swaps to each new champion; pinned: serves one version")
-    last_reload_error: str | None = None
-    registry_reachable: bool | None = None
-    bentoml_model: str
     device: str
+    last_reload_error: str | None = Field(None, description="the last version the follower refused, and why")
+    registry_reachable: bool | None = None
+    bento_builtin_model: str = Field(description="the BentoML model built into this Bento: it answers only "
+                                                 "when `source` says bento")
 
 
 def error_body(status: int, kind: str, message: str, loc: str) -> dict:
@@ -543,7 +547,7 @@ class MnistClassifier:
                          test_accuracy=a.test_accuracy, canary_accuracy=a.canary_accuracy, source=a.source,
                          loaded_at=a.loaded_at, mode=self.mode, last_reload_error=f.state.last_error if f else None,
                          registry_reachable=f.state.registry_reachable if f else None,
-                         bentoml_model=str(self.bento_model.tag), device=self.device)
+                         bento_builtin_model=str(self.bento_model.tag), device=self.device)
 
     def probabilities(self, x: np.ndarray, active: LoadedModel | None = None) -> np.ndarray:
         if NOOP_MODEL:
