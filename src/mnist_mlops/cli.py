@@ -301,7 +301,7 @@ def predict(
         table.add_column(column)
     answers = list(predict_files(url, files))
     for a in answers:
-        table.add_row(a.file, "" if a.digit is None else str(a.digit),
+        table.add_row(a.file, "" if a.digit is None else "none (blank image)" if a.blank else str(a.digit),
                       "" if a.confidence is None else f"{a.confidence:.3f}", a.model_version or "", a.error or "")
     console.print(table)
     if any(a.error for a in answers):

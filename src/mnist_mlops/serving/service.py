@@ -49,6 +49,7 @@ from pydantic_core import PydanticCustomError
 
 from mnist_mlops import feedback, prediction_log
 from mnist_mlops.config import MODEL_NAME, ServeParams
+from mnist_mlops.digit_features import has_ink
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 from mnist_mlops.scoring import load_keras
 from mnist_mlops.serving.follow import (
@@ -174,6 +175,8 @@ class Prediction(BaseModel):
     confidence: float = Field(description="the probability of that digit")
     probabilities: list[float] = Field(description="the probability of each digit 0–9")
     model_version: str = Field(description=f"the registered version of {MODEL_NAME} that answered")
+    blank: bool = Field(description="true: the input holds no digit (almost no ink), so `digit` is no reading "
+                                    "of it: draw or send a digit first")
 
 
 class ModelInfo(BaseModel):
@@ -558,11 +561,13 @@ class MnistClassifier:
         active = self.active  # read once: the whole batch is answered by one model
         probs = self.probabilities(x, active)
         digits = probs.argmax(axis=1)
+        blank = ~has_ink(prediction_log.to_uint8(x))
         ids = prediction_log.new_ids(len(x))
         if self.log is not None:
             self.log.record(ids, endpoint, active.version, probs, x)
         return [{"prediction_id": i, "digit": int(d), "confidence": float(p[d]), "probabilities": p.tolist(),
-                 "model_version": active.version} for i, d, p in zip(ids, digits, probs, strict=True)]
+                 "model_version": active.version, "blank": bool(b)}
+                for i, d, p, b in zip(ids, digits, probs, blank, strict=True)]
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, images: Images) -> list[Prediction]:
