@@ -446,6 +446,9 @@ def sweep(
     pool: Annotated[str | None, typer.Option(
         help="Train the candidates at once, as flow runs on this Prefect work pool (its workers, on any "
              "machines); needs PREFECT_API_URL.")] = None,
+    install_anyway: Annotated[bool, typer.Option(
+        "--install-anyway", help="Keep the winner's params in params.yaml even when its model does not pass "
+                                 "the gate (by default they are installed only when it passes).")] = False,
 ) -> None:
     """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
     from mnist_mlops.config import Paths, load_params, write_params
@@ -469,7 +472,8 @@ def sweep(
         from pipelines.sweep import sweep_flow
 
         with prefect_server.api(server):
-            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool)
+            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool,
+                                 install_anyway=install_anyway)
     console.print(leaderboard(summary.pop("leaderboard")))
     print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
 
