@@ -123,11 +123,12 @@ def promote(root: str, min_accuracy: float) -> dict:
     decision = registry.gate(registered["version"], test.x, test.y, min_accuracy,
                              {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y)},
                              tolerances={"robust": params.evaluate.max_robust_drop})
-    get_run_logger().info("version %s %s: %s", decision.version,
-                          "promoted to champion" if decision.promoted else "not promoted", decision.reason)
-    return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
-            "run_id": registered["run_id"], "accuracy": registered.get("accuracy"),
-            "robust_accuracy": registered.get("robust_accuracy")}
+    result = {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
+              "changed": decision.changed, "earlier": decision.earlier, "champion": registry.champion_version(),
+              "run_id": registered["run_id"], "accuracy": registered.get("accuracy"),
+              "robust_accuracy": registered.get("robust_accuracy")}
+    get_run_logger().info("version %s: promoted %s: %s", decision.version, promoted_row(result), decision.reason)
+    return result
 
 
 @task(name="package")
@@ -138,6 +139,11 @@ def package(root: str) -> dict:
     result = package_champion(Path(root))
     get_run_logger().info("bento %s (%s)", result["bento"], "built" if result["built"] else "up to date")
     return result
+
+
+# DVC compares the stages' inputs (data, code, the params each stage reads): a parameter that no stage
+# reads, such as the gate's floor, changes none of them, and the gate decides on it after the stages.
+SKIPPED = "no (DVC skipped: no stage's inputs changed)"
 
 
 def summary_markdown(summary: dict, title: str = "MNIST training run") -> str:
@@ -198,16 +204,31 @@ def versioned_data(root: str, params: Params) -> dict:
     }
 
 
+EARLIER = {"promoted": "champion", "rejected": "refused", "rolled_back": "rolled back"}
+
+
+def promoted_row(gate: dict) -> str:
+    """`yes` only when this run moved the champion alias to the version; else what stands."""
+    if gate.get("changed"):
+        return "yes"
+    if gate.get("earlier"):
+        return f"no change (decided earlier: {EARLIER.get(gate['earlier'], gate['earlier'])})"
+    if gate.get("champion") == gate["version"]:
+        return "no change (already champion)"
+    return "no"
+
+
 def gate_rows(gate: dict) -> dict:
-    """Summary rows of the champion gate's decision."""
+    """Summary rows of the champion gate's decision (a dict of registry.Decision's fields)."""
     return {
         "MLflow run id": gate["run_id"],
         "model version": gate["version"],
         "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
         "robust accuracy": (f"{gate['robust_accuracy']:.4f} (mean over the corruptions of the robustness slice)"
                             if gate.get("robust_accuracy") is not None else "n/a"),
-        "promoted": "yes" if gate["promoted"] else "no",
+        "promoted": promoted_row(gate),
         "why": gate["reason"],
+        **({"champion": f"v{gate['champion']}"} if gate.get("champion") else {}),
     }
 
 
@@ -232,7 +253,7 @@ def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = 
             preload.in_background("tensorflow", "keras")
         ran[name] = stage.with_options(name=name)(root, name)
     gate = promote(root, params.evaluate.min_accuracy)
-    summary["trained"] = "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)"
+    summary["trained"] = "yes" if ran["train"] else SKIPPED
     if ran["train"]:
         tag_trigger(gate["run_id"], trigger, reason)
     summary |= gate_rows(gate)

@@ -17,6 +17,7 @@ import pytest
 
 from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
+from pipelines.training import SKIPPED
 
 from helpers import BIN, SMALL_MODEL, click_text, page_text, wait_text
 
@@ -149,7 +150,7 @@ def test_scheduled_runs_on_a_real_prefect_server(project, prefect_server, browse
         assert all(r["auto_scheduled"] for r in done)
         first_summary, second_summary = summary_of(api, done[0]["id"]), summary_of(api, done[1]["id"])
         assert "| trained | yes |" in first_summary or manual.returncode == 0, first_summary
-        assert "| trained | no (DVC skipped: data and params unchanged) |" in second_summary, second_summary
+        assert "| trained | " + SKIPPED + " |" in second_summary, second_summary
         assert "| promoted | yes |" in first_summary + second_summary
         assert done[0]["name"].startswith("schedule · data "), done[0]["name"]
 
