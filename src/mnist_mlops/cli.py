@@ -15,8 +15,9 @@ from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import run_in_foreground
 from mnist_mlops.platform.tracking import quiet_env
 
+# Plain help (rich_markup_mode=None): typer's rich panels print a type after every flag (`--verbose <bool>`).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train, track, promote and serve a ConvNet on MNIST.")
+                  rich_markup_mode=None, help="Train, track, promote and serve a ConvNet on MNIST.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -308,7 +309,8 @@ def predict(
         raise typer.Exit(1)
 
 
-feedback_app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False)
+feedback_app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False,
+                           rich_markup_mode=None)
 app.add_typer(feedback_app, name="feedback")
 
 
@@ -392,11 +394,12 @@ def schedule(
     Uses the server at PREFECT_API_URL, else starts `prefect server start` on 127.0.0.1.
     """
     from mnist_mlops.config import load_params, parse_duration
+
+    root = _root()
     from pipelines.schedule import describe_schedule, run_schedule
 
     when = describe_schedule(cron, interval, timezone)
     every = None if monitor_every.strip().lower() == "off" else parse_duration(monitor_every, "--monitor-every")
-    root = _root()
     load_params(root)  # fail on bad params now, not at 03:00
 
     def ready(api_url: str, started_here: bool, log: str | None) -> None:
