@@ -496,17 +496,16 @@ def leaderboard(rows: list[dict]) -> Table:
     return board
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
-    """SIGTERM (kill, timeout, systemd) takes Ctrl-C's path: flow run marked, lock released."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    """Console entry: user errors become one red line and exit code 2, never a traceback."""
-    import signal
+    """Console entry: user errors become one red line and exit code 2, never a traceback.
+
+    SIGTERM (kill, timeout, systemd) takes Ctrl-C's path (flow run marked, lock released), and
+    either, at any moment, stops the command: never a traceback, even when a library wrapped
+    the interrupt in an error of its own."""
+    from mnist_mlops.platform.processes import handle_stop_signals, stop_requested
 
     quiet_env()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    handle_stop_signals()
     try:
         app()
     except UserError as exc:
