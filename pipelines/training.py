@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform import preload
-from mnist_mlops.platform.tracking import FLOW_RUN_ENV
+from mnist_mlops.platform.tracking import FLOW_RUN_ENV, TRIGGER_ENV
 
 
 class _UserErrorWithoutTraceback(logging.Filter):
@@ -188,6 +188,7 @@ def versioned_data(root: str, params: Params) -> dict:
     Call inside a flow, under the pipeline lock. Returns the summary rows they contribute.
     """
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
+    os.environ[TRIGGER_ENV] = str(flow_run.get_parameters().get("trigger") or "manual")  # names the MLflow run
     check_tracking.with_options(retries=TRACKING_RETRIES,
                                 retry_delay_seconds=TRACKING_RETRY_DELAY_SECONDS)(root)
     drift = check_data(root)

@@ -45,6 +45,8 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
     assert "robust accuracy" in trained_project.first_run_output
 
     pinned = yaml.safe_load((trained_project.root / "data.dvc").read_text())["outs"][0]["md5"]
+    # named as Prefect names its flow run (what started it, the data version), never at random
+    assert run.info.run_name == f"manual · data {pinned[:8]}", run.info.run_name
     head = trained_project.run("git", "rev-parse", "HEAD").stdout.strip()
     assert run.data.tags["data.md5"] == pinned
     assert run.data.tags["data.source"] == "sample"

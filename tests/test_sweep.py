@@ -97,6 +97,9 @@ def test_sweep_two_by_one(project):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3
     assert {c.data.params["train.learning_rate"] for c in children} == {"0.0005", "0.003"}
+    assert {c.info.run_name for c in children} == {
+        "sweep · candidate-0 · train.learning_rate=0.0005 train.batch_size=64",
+        "sweep · candidate-1 · train.learning_rate=0.003 train.batch_size=64"}
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
 
     # the best by val and robust-val accuracy, and only it, was evaluated and registered

@@ -216,6 +216,8 @@ def ui(
     from mnist_mlops.platform.tracking import project_runs_url
 
     root = _root()
+    if not os.environ.get("MNIST_MLOPS_VERBOSE"):  # MLflow's INFO notices, here and in the UI's process
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     uri = tracking_uri(root)
     if uri.startswith("http"):  # a tracking server serves its own UI
         url = project_runs_url(root)
@@ -226,11 +228,19 @@ def ui(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = project_runs_url(root, f"http://{shown}:{port}")
     console.print(f"MLflow UI: {url}\n  (store: {uri}; Ctrl-C stops it)", soft_wrap=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
+           "--host", host, "--port", str(port), "--uvicorn-opts", "--log-level warning",
            "--workers", "1"]  # its default, 4, means four MLflow servers to import
     if open_:
         open_when_up(url)
-    raise typer.Exit(run_in_foreground(cmd, cwd=root))
+    raise typer.Exit(run_in_foreground(cmd, cwd=root, env=mlflow_ui_env()))
+
+
+def mlflow_ui_env() -> dict[str, str]:
+    """The UI the project needs, quietly: no GenAI job runner (huey consumers polling on every
+    core), and not the deprecation warning MLflow's own import of Starlette's WSGI bridge prints."""
+    warnings = [w for w in (os.environ.get("PYTHONWARNINGS"), "ignore:starlette.middleware.wsgi is deprecated") if w]
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": ",".join(warnings)}
 
 
 def open_when_up(url: str) -> None:
@@ -511,6 +521,11 @@ def main() -> None:
     except UserError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception:
+        if not stop_requested():
+            raise
+        err_console.print("stopped")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -199,10 +199,11 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
     the worker dies, the candidate is stopped, its MLflow run marked KILLED, and it fails
     (a worker's flow runs outlive it otherwise, and nobody would report them)."""
     from mnist_mlops.platform.processes import alive, ancestors, detach_output
-    from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
+    from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, RUN_NAME_ENV
 
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root)}
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root),
+           RUN_NAME_ENV: f"sweep · candidate-{index} · {' '.join(overrides)}"}
     env.setdefault(FLOW_RUN_ENV, "none")
     cmd = [sys.executable, "-m", "mnist_mlops.training.sweep", "--out", str(workdir), *(["--upload"] * upload)]
     for override in overrides:
