@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,13 @@ def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> 
     out = tmp_path / "plots"
     trained_project.run("dvc", "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
-    assert "val_accuracy" in html and "predicted" in html
+    # every figure once, and nothing the page would fetch from the network (it renders offline)
+    images = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert sorted(images) == sorted(set(images)) and len(images) == 5, images
+    assert {Path(i).name.split("figures_")[-1] for i in images} == {
+        "learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png", "robustness.png"}
+    assert all((out / i).is_file() for i in images)
+    assert not re.search(r"(src|href)=\S*https?:", html) and "<script" not in html, html[:2000]
 
 
 def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, tmp_path: Path) -> None:
