@@ -11,7 +11,6 @@ deployment for a work pool.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 
 from mnist_mlops.errors import UserError
@@ -76,12 +75,9 @@ def run_schedule(root: str, *, port: int, on_ready: Callable[[str, bool, str | N
     paused and a server started here is stopped.
     """
     from mnist_mlops.platform.prefect_server import prefect_api
+    from mnist_mlops.platform.processes import handle_stop_signals, stop_requested
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    handle_stop_signals()  # Ctrl-C at any moment: importing, deploying, starting the runner, serving
     try:
         with prefect_api(port) as (api_url, server):
             os.environ["PREFECT_API_URL"] = api_url
@@ -93,3 +89,6 @@ def run_schedule(root: str, *, port: int, on_ready: Callable[[str, bool, str | N
                 serve_training(root, **schedule)
     except KeyboardInterrupt:
         pass
+    except Exception:
+        if not stop_requested():  # an error of its own; else the interrupt, wrapped by a library
+            raise

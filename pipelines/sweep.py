@@ -178,21 +178,45 @@ def cancel_unfinished(runs: dict) -> None:
 
 @task(name="install-best")
 def install_best(root: str, winner: dict) -> list[str]:
-    """params.yaml := the winner's params; its outputs become the train stage's (dvc commit)."""
+    """params.yaml := the winner's params; its outputs become the train stage's (dvc commit).
+    For evaluation and the gate: `settle` keeps them only if the gate lets the model through."""
     from mnist_mlops.training import sweep
 
     changed = sweep.install(Path(root), sweep.Candidate(**winner))
-    get_run_logger().info("best %s; params.yaml %s", " ".join(winner["overrides"]),
-                          f"updated: {', '.join(changed)}" if changed else "unchanged")
+    get_run_logger().info("best %s; params.yaml %s for evaluation", " ".join(winner["overrides"]),
+                          f"updated ({', '.join(changed)})" if changed else "unchanged")
     return changed
+
+
+@task(name="settle-params")
+def settle(root: str, snap: str, promoted: bool, install_anyway: bool, changed: list[str]) -> str:
+    """Keep the winner's params when its model passed the gate (or with --install-anyway); else
+    put params.yaml, the train and evaluate outputs and dvc.lock back as they were. Returns the
+    summary line that says which happened."""
+    from mnist_mlops.training import sweep
+
+    if not changed:
+        line = "unchanged (the winner's params were the project's)"
+    elif promoted:
+        line = f"the winner's: its model passed the gate ({', '.join(changed)})"
+    elif install_anyway:
+        line = f"the winner's, although its model did not pass the gate (--install-anyway: {', '.join(changed)})"
+    else:
+        sweep.restore(Path(root), Path(snap))
+        line = ("unchanged: the winner's model did not pass the gate, so its params were not installed "
+                "(--install-anyway installs them)")
+    get_run_logger().info("params.yaml: %s", line)
+    return line
 
 
 @flow(name="mnist-sweep", log_prints=True, flow_run_name=run_name)
 def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bool = True,
-               lock_wait_seconds: float = 0, trigger: str = "sweep", pool: str | None = None) -> dict:
+               lock_wait_seconds: float = 0, trigger: str = "sweep", pool: str | None = None,
+               install_anyway: bool = False) -> dict:
     """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
     MLflow run, one after another here or all at once on the workers of `pool`; only the best
-    (val and robust-val accuracy) is evaluated, gated and packaged."""
+    (val and robust-val accuracy) is evaluated, gated and packaged. Its params stay in
+    params.yaml only when its model passes the gate, or with `install_anyway`."""
     from mnist_mlops.platform.locking import pipeline_lock
     from mnist_mlops.platform.tracking import run_tags
     from mnist_mlops.training import sweep
@@ -212,7 +236,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                                     {**run_tags(paths, summary["data source"]), "sweep.pool": pool or "none"})
         paths.artifacts.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".sweep-", dir=paths.artifacts))
-        winner, failed = None, []
+        winner, failed, snap = None, [], None
         try:
             if pool:
                 finished, failed = fan_out(paths.root, pool, deployment, combos, parent)
@@ -226,11 +250,16 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                 cands = [candidate.with_options(name=f"candidate-{i}")(root, i, combo, parent, str(work / f"c{i}"))
                          for i, combo in enumerate(combos)]
                 winner = sweep.best([sweep.Candidate(**c) for c in cands])
-            install_best(root, asdict(winner))
+            snap = sweep.snapshot(paths.root, work / "before-install")
+            changed = install_best(root, asdict(winner))
             evaluated = stage.with_options(name="evaluate")(root, "evaluate")
             gate = promote(root, load_params(paths.root).evaluate.min_accuracy)
+            installed = settle(root, str(snap), gate["promoted"], install_anyway, changed)
+            snap = None
             sweep.finish_parent(paths.root, parent, winner, ok=True)
         except BaseException:
+            if snap is not None:  # failed or stopped between install and gate: nothing installed
+                sweep.restore(paths.root, snap)
             sweep.finish_parent(paths.root, parent, winner, ok=False)
             raise
         finally:
@@ -246,6 +275,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
             "MLflow parent run id": parent,
             "evaluated": "yes" if evaluated else "no (DVC skipped: unchanged)",
             **gate_rows(gate),
+            "params.yaml": installed,
         }
         if package_bento and gate["promoted"]:
             summary["bento"] = package(root)["bento"]

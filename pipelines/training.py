@@ -20,7 +20,7 @@ from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
 from mnist_mlops.feedback import held_back
 from mnist_mlops.platform import preload
-from mnist_mlops.platform.tracking import FLOW_RUN_ENV
+from mnist_mlops.platform.tracking import FLOW_RUN_ENV, TRIGGER_ENV
 
 
 class _UserErrorWithoutTraceback(logging.Filter):
@@ -128,12 +128,13 @@ def promote(root: str, min_accuracy: float) -> dict:
     decision = registry.gate(version, test.x, test.y, min_accuracy,
                              {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y)},
                              tolerances={"robust": params.evaluate.max_robust_drop})
-    get_run_logger().info("version %s %s: %s", decision.version,
-                          "promoted to champion" if decision.promoted else "not promoted", decision.reason)
     registered = {"model": evaluated["model"], "version": version, "run_id": evaluated["run_id"],
                   "accuracy": evaluated.get("accuracy"), "robust_accuracy": evaluated.get("robust_accuracy")}
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
-    return {**registered, "promoted": decision.promoted, "reason": decision.reason}
+    result = {**registered, "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
+              "changed": decision.changed, "earlier": decision.earlier, "champion": registry.champion_version()}
+    get_run_logger().info("version %s: promoted %s: %s", decision.version, promoted_row(result), decision.reason)
+    return result
 
 
 @task(name="package")
@@ -144,6 +145,11 @@ def package(root: str) -> dict:
     result = package_champion(Path(root))
     get_run_logger().info("bento %s (%s)", result["bento"], "built" if result["built"] else "up to date")
     return result
+
+
+# DVC compares the stages' inputs (data, code, the params each stage reads): a parameter that no stage
+# reads, such as the gate's floor, changes none of them, and the gate decides on it after the stages.
+SKIPPED = "no (DVC skipped: no stage's inputs changed)"
 
 
 def summary_markdown(summary: dict, title: str = "MNIST training run") -> str:
@@ -189,6 +195,7 @@ def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
     the counts of labels the fetch step held back (`feedback.Screened`).
     """
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
+    os.environ[TRIGGER_ENV] = str(flow_run.get_parameters().get("trigger") or "manual")  # names the MLflow run
     check_tracking.with_options(retries=TRACKING_RETRIES,
                                 retry_delay_seconds=TRACKING_RETRY_DELAY_SECONDS)(root)
     drift = check_data(root)
@@ -206,16 +213,31 @@ def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
     }, fetched["screened"]
 
 
+EARLIER = {"promoted": "champion", "rejected": "refused", "rolled_back": "rolled back"}
+
+
+def promoted_row(gate: dict) -> str:
+    """`yes` only when this run moved the champion alias to the version; else what stands."""
+    if gate.get("changed"):
+        return "yes"
+    if gate.get("earlier"):
+        return f"no change (decided earlier: {EARLIER.get(gate['earlier'], gate['earlier'])})"
+    if gate.get("champion") == gate["version"]:
+        return "no change (already champion)"
+    return "no"
+
+
 def gate_rows(gate: dict) -> dict:
-    """Summary rows of the champion gate's decision."""
+    """Summary rows of the champion gate's decision (a dict of registry.Decision's fields)."""
     return {
         "MLflow run id": gate["run_id"],
         "model version": gate["version"],
         "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
         "robust accuracy": (f"{gate['robust_accuracy']:.4f} (mean over the corruptions of the robustness slice)"
                             if gate.get("robust_accuracy") is not None else "n/a"),
-        "promoted": "yes" if gate["promoted"] else "no",
+        "promoted": promoted_row(gate),
         "why": gate["reason"],
+        **({"champion": f"v{gate['champion']}"} if gate.get("champion") else {}),
     }
 
 
@@ -244,7 +266,7 @@ def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = 
             preload.in_background("tensorflow", "keras")
         ran[name] = stage.with_options(name=name)(root, name)
     gate = promote(root, params.evaluate.min_accuracy)
-    summary["trained"] = "yes" if ran["train"] else "no (DVC skipped: data and params unchanged)"
+    summary["trained"] = "yes" if ran["train"] else SKIPPED
     if ran["train"]:
         tag_trigger(gate["run_id"], trigger, reason, screened)
     summary |= gate_rows(gate)

@@ -89,3 +89,82 @@ def test_params_yaml_and_the_code_defaults_agree() -> None:
     from mnist_mlops.config import Params, validate
 
     assert validate(yaml.safe_load((REPO / "params.yaml").read_text())) == Params()
+
+
+NEEDS_PROJECT = [["run"], ["monitor"], ["fetch"], ["verify"], ["promote", "1"], ["rollback"], ["ui"], ["package"],
+                 ["serve"], ["feedback"], ["feedback", "import", "digits"], ["feedback", "export", "x.npz"],
+                 ["schedule", "--interval", "60"], ["sweep", "--grid", "train.epochs=1,2"]]
+
+
+def outside_message(where: Path) -> str:
+    return (f"no params.yaml in {where} or any folder above it: run from the project directory "
+            "(or set MNIST_MLOPS_ROOT to it)")
+
+
+@pytest.mark.parametrize("args", NEEDS_PROJECT, ids=" ".join)
+def test_every_command_that_needs_the_project_says_so_the_same_way(args: list[str], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the project, a command must not read or write the current folder's stores as if it
+    were one (`feedback` printed zero labels and exited 0): each says so in the same line."""
+    from typer.testing import CliRunner
+
+    from mnist_mlops.cli import app
+
+    (tmp_path / "digits").mkdir()
+    monkeypatch.delenv("MNIST_MLOPS_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError), result.output
+    assert str(result.exception) == outside_message(tmp_path.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"], "it wrote into a folder that is no project"
+
+
+def test_outside_the_project_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_MLOPS_ROOT"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "mnist-mlops"), "feedback"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.strip().splitlines() == [f"error: {outside_message(tmp_path.resolve())}"]
+
+
+def test_a_root_from_the_environment_must_be_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnist_mlops.config import project_root
+
+    monkeypatch.setenv("MNIST_MLOPS_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=r"^no params.yaml in .* \(MNIST_MLOPS_ROOT\): "):
+        project_root()
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert project_root() == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("override", ["train.epochs=3", "model.filters=[16, 32]", "data.sha256=abc"])
+def test_set_changes_only_the_line_of_its_key(root: Path, override: str) -> None:
+    """`--set` writes params.yaml: `git diff` must show the changed value only (no wrapped URLs,
+    no `null` turned into an empty value, comments and layout kept)."""
+    import difflib
+
+    before = (root / "params.yaml").read_text().splitlines()
+    write_params(root, [override])
+    after = (root / "params.yaml").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(before, after, n=0, lineterm="")
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    key, value = override.split("=", 1)
+    assert len(changed) == 2 and changed[0].startswith("-") and changed[1].startswith("+"), changed
+    assert changed[1][1:].split("#")[0].strip() == f"{key.split('.')[1]}: {value}", changed
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["serve", "--help"], ["feedback", "--help"],
+                                  ["sweep", "--help"]], ids=" ".join)
+def test_help_shows_no_type_after_plain_flags(args: list[str]) -> None:
+    """A flag takes no value: `--verbose <bool>` in the help reads as if it did."""
+    from typer.testing import CliRunner
+
+    from mnist_mlops.cli import app
+
+    result = CliRunner().invoke(app, args, terminal_width=120)
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output and "<bool>" not in result.output, result.output

@@ -226,16 +226,46 @@ def test_an_unreachable_store_keeps_serving_and_recovers(two_versions: Project, 
     assert following.client.get("/model").json()["registry_reachable"] is True
 
 
-def test_pinned_mode_watches_nothing(two_versions: Project, tmp_path: Path) -> None:
+def metric(srv: Server, name: str) -> list[tuple[dict, float]]:
+    """(labels, value) of each sample called `name` on the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(srv.client.get("/metrics").text)
+    return [(s.labels, s.value) for f in families for s in f.samples if s.name == name]
+
+
+def test_pinned_beside_following_watches_nothing_and_keeps_its_own_metrics(two_versions: Project, following: Server,
+                                                                           tmp_path: Path) -> None:
+    """Two services side by side (the README's follow on one port, `--pin` on another): each
+    `/metrics` reports its own workers only, a start or stop of one never wipes the other's
+    counters, and every field of `/model` describes the model answering (issue 30: 1 and 5)."""
+    for version in ("2", "1"):  # two swaps, so the follower's counter has something to lose
+        set_champion(two_versions, version)
+        wait_version(following, version)
+    reloads = metric(following, "mnist_model_reloads_total")
+    follow_pids = {labels["pid"] for labels, _ in metric(following, "mnist_served_model_version")}
+    assert reloads and reloads[0][1] >= 2 and follow_pids, reloads
+    v2 = two_versions.mlflow_client().get_model_version(MODEL_NAME, "2")
     env_project = Project(two_versions.root, dict(two_versions.env))
-    set_champion(two_versions, "1")
     with serving(env_project, tmp_path, extra_args=["--pin", "2"]) as pinned:
+        pinned_versions = metric(pinned, "mnist_served_model_version")
+        assert [value for _, value in pinned_versions] == [2.0], pinned_versions
+        assert {labels["pid"] for labels, _ in pinned_versions}.isdisjoint(follow_pids)
+        assert metric(pinned, "mnist_model_reloads_total") == [({}, 0.0)]
+        assert {(labels["pid"], value) for labels, value in metric(following, "mnist_served_model_version")} == \
+            {(pid, 1.0) for pid in follow_pids}
+        assert metric(following, "mnist_model_reloads_total") == reloads, "the pinned start wiped the follower's"
         info = pinned.client.get("/model").json()
-        assert info["mode"] == "pinned" and info["model_version"] == "2"
+        assert info["mode"] == "pinned" and info["model_version"] == "2" and info["run_id"] == v2.run_id, info
+        assert info["data_md5"] == v2.tags["data.md5"] and info["test_accuracy"] == float(v2.tags["test_accuracy"])
+        assert "bentoml_model" not in info and info["bento_builtin_model"].startswith(f"{MODEL_NAME}:v1-"), info
         set_champion(two_versions, "2")
         set_champion(two_versions, "1")
         time.sleep(FOLLOW_SECONDS * 3)
         assert served_version(pinned) == "2"
+    assert {labels["pid"] for labels, _ in metric(following, "mnist_served_model_version")} == follow_pids
+    assert metric(following, "mnist_model_reloads_total")[0][1] >= reloads[0][1], "the pinned stop wiped them"
+    assert following.client.get("/model").json()["bento_builtin_model"].startswith(f"{MODEL_NAME}:v1-")
 
 
 def held_out(project: Project) -> tuple[np.ndarray, np.ndarray]:

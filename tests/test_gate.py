@@ -158,7 +158,7 @@ def test_a_new_floor_regates_the_same_version_without_registering_again(store, d
     good = register(models["good"])
     assert registry.gate(good, xt, yt, 0.5).promoted
     # same floor: the decision stands; a higher floor than the champion scores keeps it (never demotes)
-    assert registry.gate(good, xt, yt, 0.5).reason.startswith("already decided")
+    assert registry.gate(good, xt, yt, 0.5).reason.startswith("decided earlier")
     high = registry.gate(good, xt, yt, 0.9999)
     assert not high.promoted and "stays champion" in high.reason and champion(store) == good
     # a version refused under an old floor is decided again when the floor drops
@@ -166,7 +166,7 @@ def test_a_new_floor_regates_the_same_version_without_registering_again(store, d
     floor = registry.gate(worse, xt, yt, 0.99)
     assert not floor.promoted and "below the floor" in floor.reason
     again = registry.gate(worse, xt, yt, 0.1)
-    assert not again.reason.startswith("already decided") and "worse than champion" in again.reason
+    assert not again.reason.startswith("decided earlier") and "worse than champion" in again.reason
     assert sorted(int(v.version) for v in store.search_model_versions(f"name='{MODEL_NAME}'")) == [1, 2]
 
 
@@ -274,3 +274,37 @@ def test_a_trained_model_is_registered_once(store) -> None:
     assert len(store.search_model_versions(f"name='{MODEL_NAME}'")) == 1
     assert tags(store, first)["test_accuracy"] == "0.9" and tags(store, first)[registry.TAG_WEIGHTS] == "md5-a"
     assert registry.register(run.info.run_id, uri, "md5-b", {}) != first  # other weights: a new version
+
+
+def test_what_a_gate_that_changes_nothing_says(store, digits, models) -> None:
+    """Issue 30 point 4: a decision reported again is not a promotion, a rolled-back version is
+    not re-gated by a new floor (and says so), and `promote` of the champion changes nothing."""
+    from pipelines.training import gate_rows
+
+    def promoted_row(d: registry.Decision) -> str:  # as the flow's promote task hands it to the summary
+        return gate_rows(vars(d) | {"run_id": "r", "champion": registry.champion_version()})["promoted"]
+
+    _, _, xt, yt = digits
+    worse = register(models["worse"])
+    first = registry.gate(worse, xt, yt, 0.5)
+    assert first.promoted and first.changed and not first.earlier
+    assert promoted_row(first) == "yes"
+    again = registry.gate(worse, xt, yt, 0.5)
+    assert not again.changed and again.earlier and again.reason.startswith("decided earlier under "
+                                                                            "evaluate.min_accuracy=0.5")
+    assert promoted_row(again) == "no change (decided earlier: champion)"
+    high = registry.gate(worse, xt, yt, 0.9999)  # a new floor re-gates the champion: it stays
+    assert not high.changed and promoted_row(high).startswith("no change")
+
+    same = registry.promote(worse, xt, yt, 0.5)
+    assert (same.previous_champion, same.changed) == (None, False) and "already champion" in same.reason
+    assert registry.TAG_PREVIOUS not in tags(store, worse) and "manual" not in tags(store, worse)[registry.TAG_REASON]
+
+    good = register(models["good"])
+    assert registry.gate(good, xt, yt, 0.5).changed
+    registry.rollback()
+    assert champion(store) == worse
+    regated = registry.gate(good, xt, yt, 0.99)  # `run --set evaluate.min_accuracy=0.99` after a rollback
+    assert not regated.promoted and not regated.changed and champion(store) == worse
+    assert f"v{good} was rolled back to v{worse} by hand" in regated.reason and "not re-gated" in regated.reason
+    assert promoted_row(regated) == "no change (decided earlier: rolled back)"

@@ -27,13 +27,15 @@ def test_mlflow_process_state_the_test_isolation_resets() -> None:
 
 def test_no_private_bentoml_or_prefect_names_in_the_code() -> None:
     """Public APIs only for BentoML and Prefect (server_context, NVML, `prefect server start`),
-    but for the one wrapped name tested below (platform.prefect_server.WORKER_NAME_ENV)."""
+    but for the wrapped names tested below (platform.prefect_server.WORKER_NAME_ENV,
+    serving.launch.use_prometheus_dir)."""
     from helpers import REPO
 
     wrapper = REPO / "src" / "mnist_mlops" / "platform" / "prefect_server.py"
+    bento_wrapper = REPO / "src" / "mnist_mlops" / "serving" / "launch.py"
     for path in [*(REPO / "src").rglob("*.py"), *(REPO / "pipelines").rglob("*.py")]:
         text = path.read_text()
-        assert "bentoml._internal" not in text, path
+        assert text.count("bentoml._internal") == (1 if path == bento_wrapper else 0), path
         assert text.count("PREFECT__") == (1 if path == wrapper else 0), path
 
 
@@ -45,3 +47,23 @@ def test_prefect_still_names_the_worker_of_a_flow_run_in_its_environment() -> No
 
     env = BaseJobConfiguration._base_attribution_environment(worker_name="worker-a")
     assert env.get(WORKER_NAME_ENV) == "worker-a", f"prefect changed: fix worker_name ({env})"
+
+
+def test_bentoml_still_takes_the_prometheus_dir_from_the_setting_we_set(tmp_path) -> None:
+    """serving.launch.use_prometheus_dir sets it (each `mnist-mlops serve` its own /metrics files):
+    `bentoml serve` must still create, empty and hand its workers the folder that setting names."""
+    from bentoml.serving import ensure_prometheus_dir
+
+    from mnist_mlops.serving.launch import use_prometheus_dir
+
+    mine = tmp_path / "metrics"
+    mine.mkdir()
+    (mine / "counter_1.db").write_bytes(b"old")
+    use_prometheus_dir(str(mine))
+    try:
+        assert ensure_prometheus_dir() == str(mine.absolute()), "bentoml changed: fix serving/launch.py"
+        assert list(mine.iterdir()) == []  # emptied at start: which is why each serve needs its own
+    finally:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        BentoMLContainer.prometheus_multiproc_dir.reset()

@@ -7,6 +7,7 @@ descriptions; and the console of the run that produced it stayed free of library
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def champion_run(project: Project):
 def test_the_run_console_is_free_of_library_noise(trained_project: Project) -> None:
     out = trained_project.first_run_output  # type: ignore[attr-defined]
     for noise in ("E0000", "I0000", "absl", "cuInit", "cudart_stub", "Downloading artifacts", "━",
-                  "UserWarning"):
+                  "UserWarning", "View at http"):  # Prefect's link to a UI nobody serves during the run
         assert noise not in out, f"{noise!r} in the output of `mnist-mlops run`:\n{out[-3000:]}"
     assert re.search(r"epoch\s+1/1\s+loss", out), out[-3000:]  # the project's own lines stay
     assert "test accuracy" in out and "MLflow UI" in out
@@ -77,3 +78,19 @@ def test_mlflow_ui_opens_on_the_runs_table(trained_project: Project, tmp_path: P
         assert f"{accuracy:.4f}"[:5] in body or str(round(accuracy, 3)) in body, body[:3000]
     finally:
         stop_group(proc)
+
+
+def test_mlflow_ui_prints_only_its_url(project: Project, tmp_path: Path) -> None:
+    """`mnist-mlops ui` starts the UI the project needs: no GenAI job runner (its consumers and
+    job-executor lines), no Starlette warning, no registry, store or uvicorn notices; its lines only."""
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = start_group([str(BIN / "mnist-mlops"), "ui", "--port", str(port)], log, project.env, cwd=project.root)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
+        time.sleep(3)  # what a server prints once it is up
+    finally:
+        stop_group(proc)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    assert lines and lines[0].startswith("MLflow UI: http://127.0.0.1:"), lines
+    assert all(line.startswith(("MLflow UI: ", "  (store: ")) for line in lines), "\n".join(lines)

@@ -60,6 +60,35 @@ def test_features_of_a_drawn_bar() -> None:
     assert empty["height"][0] == 0 and empty["thickness"][0] == 0
 
 
+def test_blank_digits_have_no_ink_and_every_real_one_has(sample) -> None:
+    """`has_ink` (the service's `blank` field, the labels' screening): every real MNIST digit of
+    the sample has ink; an empty digit, a few specks or a faint smudge are blank; so is an empty
+    page sent as an upload (the conversion the service uses)."""
+    import io
+
+    from PIL import Image
+
+    from mnist_mlops.digit_features import MIN_INK_PIXELS, has_ink
+    from mnist_mlops.imaging import image_to_input
+    from mnist_mlops.prediction_log import to_uint8
+
+    images, _ = sample
+    assert has_ink(images).all() and has_ink(images).shape == (len(images),)
+    specks = np.zeros((3, 28, 28), np.uint8)
+    specks[1].flat[:MIN_INK_PIXELS - 1] = 255  # fewer specks than a stroke
+    specks[2][10:20, 10:20] = 40  # a faint smudge, nowhere a quarter of full ink
+    assert not has_ink(specks).any()
+    specks[1].flat[MIN_INK_PIXELS - 1] = 255
+    assert list(has_ink(specks)) == [False, True, False]
+    page = io.BytesIO()
+    Image.new("L", (200, 200), 255).save(page, "PNG")
+    assert not has_ink(to_uint8(image_to_input(page.getvalue(), 10**6, 10**6)).reshape(-1, 28, 28)).any()
+    with pytest.raises(ValueError, match="uint8 N×28×28"):
+        has_ink(images[0])
+    with pytest.raises(ValueError, match="uint8 N×28×28"):
+        has_ink(images.astype(np.float32) / 255)
+
+
 def test_no_false_alarm_in_five_held_out_windows(sample, reference) -> None:
     images, labels = sample
     for i in range(5):

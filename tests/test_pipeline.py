@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
     assert "robust accuracy" in trained_project.first_run_output
 
     pinned = yaml.safe_load((trained_project.root / "data.dvc").read_text())["outs"][0]["md5"]
+    # named as Prefect names its flow run (what started it, the data version), never at random
+    assert run.info.run_name == f"manual · data {pinned[:8]}", run.info.run_name
     head = trained_project.run("git", "rev-parse", "HEAD").stdout.strip()
     assert run.data.tags["data.md5"] == pinned
     assert run.data.tags["data.source"] == "sample"
@@ -76,7 +79,13 @@ def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> 
     out = tmp_path / "plots"
     trained_project.run("dvc", "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
-    assert "val_accuracy" in html and "predicted" in html
+    # every figure once, and nothing the page would fetch from the network (it renders offline)
+    images = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert sorted(images) == sorted(set(images)) and len(images) == 5, images
+    assert {Path(i).name.split("figures_")[-1] for i in images} == {
+        "learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png", "robustness.png"}
+    assert all((out / i).is_file() for i in images)
+    assert not re.search(r"(src|href)=\S*https?:", html) and "<script" not in html, html[:2000]
 
 
 def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, tmp_path: Path) -> None:

@@ -111,3 +111,32 @@ def test_killed_runs_leave_nothing_and_runs_stay_findable(trained_project: Proje
         browser.save_screenshot(str(tmp_path / "prefect-runs.png"))
     finally:
         stop_group(ui)
+
+
+def test_a_port_a_stopped_server_just_left_counts_as_free() -> None:
+    """Right after `schedule` stopped, `prefect-ui` said port 4200 was in use while nothing
+    listened: the stopped server's connections linger in TIME_WAIT. The check binds as the
+    server will (SO_REUSEADDR, like uvicorn): free then, still busy while something listens."""
+    import socket
+
+    from mnist_mlops.platform.processes import LOOPBACK, port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((LOOPBACK, 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection((LOOPBACK, port))
+    conn, _ = server.accept()
+    conn.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+    server.close()
+    client.close()
+    assert port_free(port), "a port in TIME_WAIT only is free for a server that binds with SO_REUSEADDR"
+    busy = socket.socket()
+    busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    busy.bind((LOOPBACK, port))
+    busy.listen()
+    try:
+        assert not port_free(port)
+    finally:
+        busy.close()

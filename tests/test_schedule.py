@@ -17,6 +17,7 @@ import pytest
 
 from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
+from pipelines.training import SKIPPED
 
 from helpers import BIN, SMALL_MODEL, click_text, page_text, wait_text
 
@@ -149,7 +150,7 @@ def test_scheduled_runs_on_a_real_prefect_server(project, prefect_server, browse
         assert all(r["auto_scheduled"] for r in done)
         first_summary, second_summary = summary_of(api, done[0]["id"]), summary_of(api, done[1]["id"])
         assert "| trained | yes |" in first_summary or manual.returncode == 0, first_summary
-        assert "| trained | no (DVC skipped: data and params unchanged) |" in second_summary, second_summary
+        assert "| trained | " + SKIPPED + " |" in second_summary, second_summary
         assert "| promoted | yes |" in first_summary + second_summary
         assert done[0]["name"].startswith("schedule · data "), done[0]["name"]
 
@@ -199,3 +200,40 @@ def test_scheduled_runs_on_a_real_prefect_server(project, prefect_server, browse
     versions = client.search_model_versions("name='mnist-convnet'")
     assert len(versions) == 1  # two (or three) runs, one training, one version
     assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == str(versions[0].version)
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_right_after_the_banner_stops_the_schedule(project, tmp_path):
+    """Issue 30 point 2: Ctrl-C at once or two seconds after the "stop │ Ctrl-C" row (the schedule
+    still starting: importing Prefect, deploying, starting the runner) stops it at once and
+    cleanly: exit 0, "schedule stopped", no traceback, nothing left running. (At once, the
+    interrupt landed inside pydantic, which wrapped it in a serialization error: a traceback.)"""
+    from mnist_mlops.platform.processes import free_port
+
+    for delay in (0.3, 2.0):
+        marker = uuid.uuid4().hex
+        env = {**project.env, "MNIST_MLOPS_TEST_MARKER": marker}
+        env.pop("PREFECT_API_URL", None)  # it starts its own Prefect server, as on a laptop
+        log = tmp_path / f"schedule-{delay}.log"
+        cmd = [str(BIN / "mnist-mlops"), "schedule", "--cron", "0 3 1 1 *", "--monitor-every", "off",
+               "--port", str(free_port())]
+        proc = start_group(cmd, log, env, cwd=project.root, die_with_parent=False)
+        try:
+            wait_for(lambda log=log: "Ctrl-C (pauses the schedule)" in log.read_text(errors="replace"), 300, proc, log,
+                     "the schedule's banner")
+            time.sleep(delay)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends the foreground group
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"Ctrl-C {delay} s after the banner ignored for 45 s\n"
+                                     f"{log.read_text(errors='replace')[-3000:]}") from None
+        finally:
+            stop_group(proc, 10)
+            time.sleep(1)
+            left = processes_with(marker)
+            kill_all(marker)
+        output = log.read_text(errors="replace")
+        assert proc.returncode == 0 and "schedule stopped" in output, (delay, output[-3000:])
+        assert "Traceback" not in output, (delay, output[-3000:])
+        assert left == [], f"processes left behind: {left}"

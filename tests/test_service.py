@@ -106,7 +106,8 @@ def test_predictions_agree_with_the_mlflow_champion(server: Server, champion, te
     assert (digits == expected.argmax(axis=1)).mean() == 1.0
     np.testing.assert_allclose(np.array([p["probabilities"] for p in served]), expected, atol=1e-5)
     first = served[0]
-    assert set(first) == {"prediction_id", "digit", "confidence", "probabilities", "model_version"}
+    assert set(first) == {"prediction_id", "digit", "confidence", "probabilities", "model_version", "blank"}
+    assert not any(p["blank"] for p in served)  # every real digit has ink
     assert len({p["prediction_id"] for p in served}) == len(served), "every prediction has its own id"
     assert first["model_version"] == str(version.version)
     assert first["confidence"] == pytest.approx(max(first["probabilities"]))
@@ -144,12 +145,28 @@ def test_predict_image_uses_the_mnist_conversion(server: Server, test_split) -> 
         resp = server.predict_image(data, f"digit.{fmt.lower()}")
         assert resp.status_code == 200, resp.text
         got = resp.json()
-        assert set(got) == {"prediction_id", "digit", "confidence", "probabilities", "model_version"}
+        assert set(got) == {"prediction_id", "digit", "confidence", "probabilities", "model_version", "blank"}
         assert resp.headers["x-prediction-id"] == got["prediction_id"]
         pixels = imaging.to_mnist(imaging.decode(data))
         direct = server.predict(pixels.tolist()).json()[0]
         assert got["digit"] == direct["digit"]
         np.testing.assert_allclose(got["probabilities"], direct["probabilities"], atol=1e-6)
+
+
+def test_blank_inputs_are_answered_as_blank(server: Server, test_split) -> None:
+    """A model reads anything, the all-zero digit as a confident "1": an input with no ink says
+    so (`blank`), as JSON digits, in a batch beside real ones, and as an empty uploaded page."""
+    x, _ = test_split
+    empty = np.zeros((28, 28), int)
+    batch = server.predict([empty.tolist(), np.rint(x[0, ..., 0] * 255).astype(int).tolist()])
+    assert batch.status_code == 200, batch.text
+    assert [p["blank"] for p in batch.json()] == [True, False]
+    page = io.BytesIO()
+    Image.new("L", (200, 200), 255).save(page, "PNG")
+    assert server.predict_image(page.getvalue()).json()["blank"] is True
+    assert server.predict_image(digit_png(np.rint(x[1, ..., 0] * 255))).json()["blank"] is False
+    schema = server.client.get("/docs.json").json()["components"]["schemas"]
+    assert "blank" in json.dumps(schema), "the OpenAPI document describes the field"
 
 
 def test_ui_is_served(server: Server) -> None:
@@ -338,10 +355,11 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
     """Every curl line of the README's 'Send predictions' section, run as written."""
     host = server.url.removeprefix("http://")
     commands = [line.split("  #")[0].strip() for block in _blocks(_readme_section("Send predictions"), "bash")
-                for line in block.splitlines() if line.startswith(("curl ", "python3 -c"))]
-    assert sum(c.startswith("curl") for c in commands) >= 5
+                for line in block.splitlines() if line.startswith(("curl ", "python3 -c", "mnist-mlops predict"))]
+    assert sum(c.startswith("curl") for c in commands) >= 5 and "mnist-mlops predict digit.png" in commands
     outputs = {}
     for cmd in commands:
+        cmd = f"{cmd} --url {server.url}" if cmd.startswith("mnist-mlops predict") else cmd
         proc = subprocess.run(["bash", "-c", cmd.replace("127.0.0.1:3000", host)], cwd=tmp_path,
                               capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
@@ -350,10 +368,13 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
     by_endpoint = {re.search(r"127\.0\.0\.1:3000/(\w+)", c).group(1): out
                    for c, out in outputs.items() if c.startswith("curl")}
     assert json.loads(by_endpoint["predict"])[0]["digit"] in range(10)
+    assert json.loads(by_endpoint["predict"])[0]["blank"] is True  # the README's digit.json is all zeros
     assert json.loads(by_endpoint["feedback"])["stored"] == 1
     assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
     assert json.loads(by_endpoint["model"])["model_version"] == "1"
     assert "bentoml_service_request_total" in by_endpoint["metrics"]
+    predicted = outputs[f"mnist-mlops predict digit.png --url {server.url}"]
+    assert "digit.png" in predicted and "│ 1 " in predicted, predicted  # the file the README made, read as a 1
 
 
 def test_readme_python_example_works_when_copied(server: Server, tmp_path: Path) -> None:

@@ -99,3 +99,36 @@ def test_params_declared_key_by_key_and_each_read_somewhere() -> None:
     assert elsewhere.isdisjoint(declared)
     assert every == set(declared) | elsewhere, f"params read by nobody: {sorted(every - set(declared) - elsewhere)}"
     assert declared["data.max_class_imbalance"] == "prepare"  # prepare validates the data too
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _lock_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+
+
+def _lookup(raw: dict, dotted: str) -> object:
+    section, _, key = dotted.partition(".")
+    return raw[section][key]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_committed_lock_matches_the_committed_code(stage: str) -> None:
+    """A fresh clone's first `make run` must not rewrite dvc.lock: every code dependency the lock
+    records has the committed file's md5 and size (DVC 3 hashes the bytes as they are), the lock
+    lists the deps dvc.yaml declares, and its params are params.yaml's. Cheap: no run needed."""
+    locked = _lock_stages()[stage]
+    code = {d["path"]: d for d in locked["deps"] if d["path"].startswith("src/")}
+    declared = {d for d in dvc_stages()[stage]["deps"] if str(d).startswith("src/")}
+    assert set(code) == declared, f"dvc.lock stage '{stage}' lists other deps than dvc.yaml: rerun the stage"
+    stale = sorted(p for p, d in code.items()
+                   if (_md5(REPO / p), (REPO / p).stat().st_size) != (d["md5"], d["size"]))
+    assert not stale, (f"dvc.lock stage '{stage}' records stale md5s for {stale}: `dvc commit -f {stage}` "
+                       "when the change leaves the outputs as they are, else rerun the stage")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in locked["params"]["params.yaml"].items():
+        assert _lookup(raw, key) == value, f"dvc.lock stage '{stage}': {key} is {value!r}, params.yaml says otherwise"

@@ -7,6 +7,7 @@ its own candidate, and a sweep left with no finished candidate fails in one line
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import start_group, stop_group
 from mnist_mlops.training.sweep import Candidate, best, check_checkout, parse_grid, prepared_md5s, split_values
 
-from helpers import BIN, REPO, SMALL_MODEL
+from helpers import BIN, REPO, SMALL_MODEL, copy_project
 
 
 def test_grid_parsing():
@@ -96,6 +97,9 @@ def test_sweep_two_by_one(project):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3
     assert {c.data.params["train.learning_rate"] for c in children} == {"0.0005", "0.003"}
+    assert {c.info.run_name for c in children} == {
+        "sweep · candidate-0 · train.learning_rate=0.0005 train.batch_size=64",
+        "sweep · candidate-1 · train.learning_rate=0.003 train.batch_size=64"}
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
 
     # the best by val and robust-val accuracy, and only it, was evaluated and registered
@@ -118,6 +122,29 @@ def test_sweep_two_by_one(project):
     status = project.run("dvc", "status")
     assert "up to date" in status.stdout, status.stdout
     assert not list((project.root / "artifacts").glob(".sweep-*"))  # candidates' work dirs removed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_winner_the_gate_refuses_leaves_params_and_lock_as_they_were(trained_project, tmp_path):
+    """The sweep's best can still fail the gate (here a learning rate that diverges): its params
+    must not become the project's, or the next `run` would train that losing recipe. params.yaml,
+    dvc.lock and the stage outputs stay as they were, `dvc status` clean; the summary says so."""
+    copy = copy_project(trained_project, tmp_path / "copy")
+    copy.env["COLUMNS"] = "250"  # the summary's rows unwrapped
+    before = {name: (copy.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    registered = (copy.root / "artifacts" / "registered.json").read_bytes()
+    proc = copy.cli("sweep", "--grid", "train.learning_rate=0.9", "--no-package")
+    out = proc.stdout + proc.stderr
+    client = copy.mlflow_client()
+    refused = client.get_model_version("mnist-convnet", "2")
+    assert refused.tags["gate.decision"] == "rejected", refused.tags
+    assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == "1"
+    assert {name: (copy.root / name).read_bytes() for name in before} == before
+    assert (copy.root / "artifacts" / "registered.json").read_bytes() == registered
+    assert "up to date" in copy.run("dvc", "status").stdout
+    assert re.search(r"params\.yaml\s*│\s*unchanged: the winner's model did not pass the gate", out), out[-3000:]
+    assert not list((copy.root / "artifacts").glob(".sweep-*"))
 
 
 # --------------------------------------------------------------------------- fanned out over a work pool

@@ -242,6 +242,24 @@ def test_empty_canvas_asks_for_a_drawing(server: Server, browser) -> None:
     assert console_errors(browser) == []
 
 
+def test_a_blank_image_asks_to_draw_first(server: Server, browser, tmp_path: Path) -> None:
+    """An image with no digit on it gets no answer to trust: the page says so, offers no feedback."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path = tmp_path / "empty.png"
+    Image.new("L", (300, 300), 250).save(path)
+    open_page(browser, server)
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    browser.find_element(By.ID, "predict").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 60).until(lambda d: error.is_displayed())
+    assert "no digit: draw a digit first" in error.text, error.text
+    assert not browser.find_element(By.ID, "answer").is_displayed()
+    assert console_errors(browser) == []
+
+
 def click_feedback(driver, button_id: str | None = None, label: int | None = None) -> str:
     """Press "Right" or a digit under "Wrong? Tap the right digit" and wait for the page's confirmation."""
     from selenium.webdriver.common.by import By

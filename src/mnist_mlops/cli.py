@@ -15,8 +15,9 @@ from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import run_in_foreground
 from mnist_mlops.platform.tracking import quiet_env
 
+# Plain help (rich_markup_mode=None): typer's rich panels print a type after every flag (`--verbose <bool>`).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train, track, promote and serve a ConvNet on MNIST.")
+                  rich_markup_mode=None, help="Train, track, promote and serve a ConvNet on MNIST.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -217,6 +218,8 @@ def ui(
     from mnist_mlops.platform.tracking import project_runs_url
 
     root = _root()
+    if not os.environ.get("MNIST_MLOPS_VERBOSE"):  # MLflow's INFO notices, here and in the UI's process
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     uri = tracking_uri(root)
     if uri.startswith("http"):  # a tracking server serves its own UI
         url = project_runs_url(root)
@@ -227,11 +230,19 @@ def ui(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = project_runs_url(root, f"http://{shown}:{port}")
     console.print(f"MLflow UI: {url}\n  (store: {uri}; Ctrl-C stops it)", soft_wrap=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
+           "--host", host, "--port", str(port), "--uvicorn-opts", "--log-level warning",
            "--workers", "1"]  # its default, 4, means four MLflow servers to import
     if open_:
         open_when_up(url)
-    raise typer.Exit(run_in_foreground(cmd, cwd=root))
+    raise typer.Exit(run_in_foreground(cmd, cwd=root, env=mlflow_ui_env()))
+
+
+def mlflow_ui_env() -> dict[str, str]:
+    """The UI the project needs, quietly: no GenAI job runner (huey consumers polling on every
+    core), and not the deprecation warning MLflow's own import of Starlette's WSGI bridge prints."""
+    warnings = [w for w in (os.environ.get("PYTHONWARNINGS"), "ignore:starlette.middleware.wsgi is deprecated") if w]
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": ",".join(warnings)}
 
 
 def open_when_up(url: str) -> None:
@@ -274,12 +285,20 @@ def serve(
 
     Ctrl-C stops it. `--pin VERSION` serves one version and watches nothing.
     """
+    import tempfile
+
     from mnist_mlops.serving.package import serve_command
 
-    cmd, env, tag = serve_command(_root(), host, port, pin, on_build=lambda msg: err_console.print(msg))
-    mode = f"pinned to v{pin}" if pin else "following the champion"
-    console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, /predict_image)")
-    raise typer.Exit(run_in_foreground(cmd, cwd=_root(), env=env))
+    root = _root()
+    # this serve's own /metrics files: a second serve beside it never mixes in or wipes them
+    with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-metrics-") as metrics_dir:
+        cmd, env, tag = serve_command(root, host, port, pin, Path(metrics_dir),
+                                      on_build=lambda msg: err_console.print(msg))
+        mode = f"pinned to v{pin}" if pin else "following the champion"
+        console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, "
+                      "/predict_image)")
+        code = run_in_foreground(cmd, cwd=root, env=env)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -295,14 +314,15 @@ def predict(
         table.add_column(column)
     answers = list(predict_files(url, files))
     for a in answers:
-        table.add_row(a.file, "" if a.digit is None else str(a.digit),
+        table.add_row(a.file, "" if a.digit is None else "none (blank image)" if a.blank else str(a.digit),
                       "" if a.confidence is None else f"{a.confidence:.3f}", a.model_version or "", a.error or "")
     console.print(table)
     if any(a.error for a in answers):
         raise typer.Exit(1)
 
 
-feedback_app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False)
+feedback_app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False,
+                           rich_markup_mode=None)
 app.add_typer(feedback_app, name="feedback")
 
 
@@ -386,11 +406,12 @@ def schedule(
     Uses the server at PREFECT_API_URL, else starts `prefect server start` on 127.0.0.1.
     """
     from mnist_mlops.config import load_params, parse_duration
+
+    root = _root()
     from pipelines.schedule import describe_schedule, run_schedule
 
     when = describe_schedule(cron, interval, timezone)
     every = None if monitor_every.strip().lower() == "off" else parse_duration(monitor_every, "--monitor-every")
-    root = _root()
     load_params(root)  # fail on bad params now, not at 03:00
 
     def ready(api_url: str, started_here: bool, log: str | None) -> None:
@@ -440,6 +461,9 @@ def sweep(
     pool: Annotated[str | None, typer.Option(
         help="Train the candidates at once, as flow runs on this Prefect work pool (its workers, on any "
              "machines); needs PREFECT_API_URL.")] = None,
+    install_anyway: Annotated[bool, typer.Option(
+        "--install-anyway", help="Keep the winner's params in params.yaml even when its model does not pass "
+                                 "the gate (by default they are installed only when it passes).")] = False,
 ) -> None:
     """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
     from mnist_mlops.config import Paths, load_params, write_params
@@ -463,7 +487,8 @@ def sweep(
         from pipelines.sweep import sweep_flow
 
         with prefect_server.api(server):
-            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool)
+            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool,
+                                 install_anyway=install_anyway)
     console.print(leaderboard(summary.pop("leaderboard")))
     print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
 
@@ -483,22 +508,26 @@ def leaderboard(rows: list[dict]) -> Table:
     return board
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
-    """SIGTERM (kill, timeout, systemd) takes Ctrl-C's path: flow run marked, lock released."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    """Console entry: user errors become one red line and exit code 2, never a traceback."""
-    import signal
+    """Console entry: user errors become one red line and exit code 2, never a traceback.
+
+    SIGTERM (kill, timeout, systemd) takes Ctrl-C's path (flow run marked, lock released), and
+    either, at any moment, stops the command: never a traceback, even when a library wrapped
+    the interrupt in an error of its own."""
+    from mnist_mlops.platform.processes import handle_stop_signals, stop_requested
 
     quiet_env()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    handle_stop_signals()
     try:
         app()
     except UserError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception:
+        if not stop_requested():
+            raise
+        err_console.print("stopped")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

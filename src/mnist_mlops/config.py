@@ -213,15 +213,12 @@ def write_params(root: Path, overrides: list[str] | None) -> list[str]:
     recorded in dvc.lock. The file is validated first and replaced atomically.
     Returns the keys whose value changed.
     """
-    from ruamel.yaml import YAML
-
     nested = parse_overrides(overrides)
     if not nested:
         return []
     load_params(root, overrides)  # validate the result before touching the file
     path = root / PARAMS_FILE
-    rt = YAML()
-    rt.preserve_quotes = True
+    rt = _round_trip_yaml()
     try:
         doc = rt.load(path.read_text())
     except Exception as exc:  # noqa: BLE001 - ruamel's errors (duplicate keys...) as one line
@@ -230,7 +227,7 @@ def write_params(root: Path, overrides: list[str] | None) -> list[str]:
     for section, values in nested.items():
         for key, value in values.items():
             if doc.setdefault(section, {}).get(key) != value:
-                doc[section][key] = value
+                doc[section][key] = _as_written(value)
                 changed.append(f"{section}.{key}={value}")
     if changed:
         tmp = path.with_suffix(".yaml.tmp")
@@ -238,6 +235,30 @@ def write_params(root: Path, overrides: list[str] | None) -> list[str]:
             rt.dump(doc, fh)
         os.replace(tmp, path)
     return changed
+
+
+def _round_trip_yaml():
+    """ruamel as params.yaml is written by hand: no line wrapped, `null` spelled out, so a
+    `--set` shows in `git diff` as its own line only."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def _as_written(value: object) -> object:
+    """A list as the file writes lists: `[16, 32]` on the key's line."""
+    if not isinstance(value, list):
+        return value
+    from ruamel.yaml.comments import CommentedSeq
+
+    seq = CommentedSeq(value)
+    seq.fa.set_flow_style()
+    return seq
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -286,15 +307,22 @@ def _env_path(name: str) -> Path | None:
 
 
 def project_root() -> Path:
-    """The project directory: $MNIST_MLOPS_ROOT, else the nearest parent holding params.yaml."""
+    """The project directory: $MNIST_MLOPS_ROOT, else the nearest parent holding params.yaml.
+
+    Outside a project there is none: every command that needs one says so in the same line,
+    rather than reading (or creating) stores in whatever folder it was started from."""
     env = os.environ.get("MNIST_MLOPS_ROOT")
     if env:
-        return Path(env).resolve()
+        root = Path(env).resolve()
+        if not (root / PARAMS_FILE).is_file():
+            raise UserError(f"no {PARAMS_FILE} in {root} (MNIST_MLOPS_ROOT): point it at the project directory")
+        return root
     here = Path.cwd().resolve()
     for candidate in (here, *here.parents):
-        if (candidate / PARAMS_FILE).exists():
+        if (candidate / PARAMS_FILE).is_file():
             return candidate
-    return here
+    raise UserError(f"no {PARAMS_FILE} in {here} or any folder above it: run from the project directory "
+                    "(or set MNIST_MLOPS_ROOT to it)")
 
 
 def tracking_uri(root: Path) -> str:

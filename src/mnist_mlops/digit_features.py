@@ -25,6 +25,21 @@ REFERENCE_FILE = "reference.npz"
 REFERENCE_ARTIFACT = f"monitoring/{REFERENCE_FILE}"
 REFERENCE_DIGITS = 5000
 _GRID = np.arange(28, dtype=np.float32)
+# A blank digit: fewer than MIN_INK_PIXELS pixels at INK_LEVEL or more (of 255). The thinnest
+# real MNIST digit in the sample has 28 such pixels, a digit drawn on the page or uploaded is
+# stretched to full contrast first (imaging.to_mnist), and an empty page converts to all zeros.
+INK_LEVEL = 64
+MIN_INK_PIXELS = 10
+
+
+def has_ink(images: np.ndarray) -> np.ndarray:
+    """Per digit (uint8 N×28×28): whether it holds a digit at all (bool N). A model answers
+    anything, blank input too (the all-zero digit reads as a confident "1"): what is answered
+    or labelled for a blank input says so instead of trusting that answer."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise ValueError(f"has_ink takes uint8 N×28×28 digits, got {x.dtype} {list(x.shape)}")
+    return (x >= INK_LEVEL).sum(axis=(1, 2)) >= MIN_INK_PIXELS
 
 
 def feature_arrays(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -63,16 +78,3 @@ def feature_records(images: np.ndarray) -> list[dict[str, float]]:
     """The same features as one small dict per digit (the prediction log's fields)."""
     arrays = feature_arrays(images)
     return [{name: round(float(values[i]), 4) for name, values in arrays.items()} for i in range(len(arrays["ink"]))]
-
-
-# A digit with fewer pixels over half intensity than this holds no readable digit (the thinnest
-# of the 5,000 sample digits has 23; a blank or all-black input has 0): the service says so in
-# its answer, /feedback refuses to take a label for it, and training never learns from it.
-MIN_INK_PIXELS = 8
-
-
-def has_ink(images: np.ndarray) -> np.ndarray:
-    """Per digit (uint8 N×28×28, or floats in [0, 1]): whether it holds enough ink to be a digit."""
-    x = np.asarray(images).reshape(-1, 28, 28)
-    ink = x > (127 if np.issubdtype(x.dtype, np.integer) else 0.5)
-    return ink.sum(axis=(1, 2)) >= MIN_INK_PIXELS

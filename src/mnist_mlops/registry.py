@@ -32,12 +32,18 @@ TAG_WEIGHTS = "model.weights_md5"  # md5 of the trained model file: one version 
 
 @dataclass(frozen=True)
 class Decision:
+    """What the gate (or promote) made of a version. `promoted`: it is, or is let through to be,
+    champion; `changed`: this call moved the alias to it; `earlier`: the decision reported was
+    made before (promoted, rejected or rolled_back), so nothing was decided now."""
+
     version: str
     promoted: bool
     reason: str
     accuracy: float | None = None
     champion_accuracy: float | None = None
     previous_champion: str | None = None
+    changed: bool = False
+    earlier: str | None = None
 
 
 def client():
@@ -209,7 +215,7 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
     tags = get_version(version).tags
     decided = tags.get(TAG_DECISION)
     if decided and (TAG_FLOOR not in tags or decided == "rolled_back" or _decided_under(tags, min_accuracy)):
-        return Decision(version, decided == "promoted", f"already decided: {tags.get(TAG_REASON, '')}")
+        return Decision(version, decided == "promoted", _earlier_reason(version, tags), earlier=decided)
     sets = {"test": (x, y), **(slices or {})}
     scores = rescore_on(version, sets)
     acc = scores["test"].accuracy
@@ -219,10 +225,11 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
     if current is None:
         reason = f"first model above the floor ({acc:.4f} >= {min_accuracy})"
         _set_alias(version, reason, None, min_accuracy)
-        return Decision(version, True, reason, acc)
+        return Decision(version, True, reason, acc, changed=True)
     if current == version:
         _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
-        return Decision(version, True, "already champion", acc)
+        return Decision(version, True, f"already champion; it clears the floor evaluate.min_accuracy={min_accuracy} "
+                        f"({acc:.4f})", acc)
     champ = rescore_on(current, sets)
     verdict = Verdict([Comparison(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]),
                                   (tolerances or {}).get(name, 0.0)) for name, mine in scores.items()])
@@ -231,7 +238,18 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
         _reject(version, reason, min_accuracy)
         return Decision(version, False, reason, acc, champ["test"].accuracy, current)
     _set_alias(version, reason, current, min_accuracy)
-    return Decision(version, True, reason, acc, champ["test"].accuracy, current)
+    return Decision(version, True, reason, acc, champ["test"].accuracy, current, changed=True)
+
+
+def _earlier_reason(version: str, tags: dict[str, str]) -> str:
+    """Why the gate decides nothing now: the decision it reports, and when it would decide again."""
+    reason = tags.get(TAG_REASON, "")
+    if tags.get(TAG_DECISION) == "rolled_back":
+        return (f"v{version} was {reason} by hand: a rolled-back version is not re-gated, not even under a new "
+                f"floor (`mnist-mlops promote {version}` serves it again)")
+    if TAG_FLOOR in tags:
+        return f"decided earlier under evaluate.min_accuracy={float(tags[TAG_FLOOR]):g}: {reason}"
+    return f"decided earlier: {reason}"
 
 
 def _below_floor(version: str, result, min_accuracy: float, current: str | None, tags: dict) -> Decision | None:
@@ -259,6 +277,8 @@ def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accura
     """
     current = champion_version()
     get_version(version)
+    if current == str(version):  # nothing to do: no tag rewritten, no "previous" that is itself
+        return Decision(str(version), True, f"v{version} is already champion: nothing changed")
     acc = None
     if x is None or y is None:
         if not force:
@@ -275,7 +295,7 @@ def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accura
             )
     reason = "manual promotion" + (" (forced)" if force else "")
     _set_alias(version, reason, current)
-    return Decision(version, True, reason, acc, previous_champion=current)
+    return Decision(version, True, reason, acc, previous_champion=current, changed=True)
 
 
 def rollback() -> Decision:
@@ -286,4 +306,4 @@ def rollback() -> Decision:
         raise UserError(f"champion v{current} replaced no earlier version: nothing to roll back to")
     _decide(current, "rolled_back", f"rolled back to v{previous}", None)
     client().set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, previous)
-    return Decision(previous, True, f"rolled back from v{current}", previous_champion=current)
+    return Decision(previous, True, f"rolled back from v{current}", previous_champion=current, changed=True)

@@ -25,13 +25,15 @@ _BENIGN = re.compile(
     rb"computation placer already registered|TF-TRT Warning|oneDNN custom operations|"
     rb"cuda_(platform|executor|dnn|fft|blas)|cudart_stub|Unable to initialize backend 'cuda'")
 _PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# MLflow's UI says this on every start; `mnist-mlops ui` binds 127.0.0.1 unless told otherwise.
+_MLFLOW_LOCALHOST = b"[MLflow] Security middleware enabled with default settings (localhost-only)."
 
 _installed = False
 
 
 def is_noise(line: bytes) -> bool:
     """True for the known-harmless native lines: absl INFO lines, CUDA-absent notices, absl's preamble."""
-    if line.rstrip(b"\r\n") == _PREAMBLE:
+    if line.rstrip(b"\r\n") == _PREAMBLE or line.startswith(_MLFLOW_LOCALHOST):
         return True
     match = _ABSL.match(line)
     return bool(match) and (match.group(1) == b"I" or bool(_BENIGN.search(match.group(2))))

@@ -147,8 +147,9 @@ def start() -> PrefectServer | None:
 def api(server: PrefectServer | None) -> Iterator[None]:
     """Point Prefect at `server` (waiting for it) for the block; a no-op for None.
 
-    Flow-run links in the log point at the UI of `mnist-mlops prefect-ui` (its default
-    port), which serves the same database after this command and its server are gone.
+    No UI URL: this one-run server serves no UI, and nothing listens on `mnist-mlops
+    prefect-ui`'s port during the run, so Prefect's own "View at …" line would be a dead link.
+    The run's summary gives the link that works (to open after `mnist-mlops prefect-ui`).
     """
     if server is None:
         yield
@@ -156,8 +157,7 @@ def api(server: PrefectServer | None) -> Iterator[None]:
     url = wait_ready(server)
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: url,
-                                     PREFECT_UI_URL: f"http://{LOOPBACK}:{DEFAULT_UI_PORT}"}):
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}):
         yield
 
 

@@ -63,7 +63,11 @@ def executable(name: str) -> str:
 
 
 def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on `port` now: bound as servers bind (uvicorn, Prefect's,
+    with SO_REUSEADDR), so the TIME_WAIT connections a server just stopped leaves behind do not
+    count as in use; a listening socket does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -155,6 +159,29 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 1
             last = type(exc).__name__
         time.sleep(0.5)
     raise UserError(f"{url} did not answer within {timeout:.0f}s ({last})")
+
+
+class _Stop:
+    requested = False
+
+
+def on_stop_signal(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: interrupt whatever runs now (KeyboardInterrupt, also inside an asyncio
+    loop, where asyncio's own first-Ctrl-C handler only cancels a task that may ignore it), and
+    remember it, so an error that wraps the interrupt (pydantic turns one raised mid-import into
+    its own serialization error) still ends as a stop, never as a traceback."""
+    _Stop.requested = True
+    raise KeyboardInterrupt
+
+
+def handle_stop_signals() -> None:
+    """SIGINT and SIGTERM take `on_stop_signal`'s path (even if started with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, on_stop_signal)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+
+
+def stop_requested() -> bool:
+    return _Stop.requested
 
 
 def run_in_foreground(cmd: list[str], cwd: Path | None = None, env: Mapping[str, str] | None = None) -> int:

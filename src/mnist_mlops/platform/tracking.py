@@ -17,6 +17,10 @@ SYSTEM_METRICS_INTERVAL_S = 5  # CPU, memory (GPU on GPU hosts) while training; 
 FLOW_RUN_ENV = "MNIST_MLOPS_FLOW_RUN_ID"
 # Set by a sweep: the training run becomes a nested child of this (active) MLflow run.
 PARENT_RUN_ENV = "MNIST_MLOPS_PARENT_RUN_ID"
+# What a training run is called: TRIGGER_ENV (set by the flow: manual, schedule, monitor, sweep)
+# names it with its data version; RUN_NAME_ENV (a sweep candidate) names it outright.
+TRIGGER_ENV = "MNIST_MLOPS_TRIGGER"
+RUN_NAME_ENV = "MNIST_MLOPS_RUN_NAME"
 # Which process runs a training: a run left RUNNING by a dead process is closed as KILLED.
 TAG_HOST = "process.host"
 TAG_PID = "process.pid"
@@ -145,6 +149,18 @@ def git_commit(root: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def training_run_name(paths: Paths) -> str:
+    """`manual · data a9f0bd22`, as Prefect names the flow run: what started the training and the
+    data version it trained on, so the MLflow runs table reads without opening each run (MLflow
+    would pick a random `marvelous-goat-45`). A sweep candidate: `sweep · candidate-0 · k=v`."""
+    from mnist_mlops.platform.versioning import dvc_md5
+
+    if name := os.environ.get(RUN_NAME_ENV):
+        return name
+    md5 = dvc_md5(paths.data_dvc) or "untracked"
+    return f"{os.environ.get(TRIGGER_ENV) or 'dvc repro'} · data {md5[:8]}"
 
 
 def run_tags(paths: Paths, source: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ class Answer:
     confidence: float | None = None
     model_version: str | None = None
     error: str | None = None
+    blank: bool = False  # the image holds no digit: the digit is no reading of it
 
 
 def error_reason(resp) -> str:
@@ -52,6 +53,7 @@ def predict_files(url: str, files: list[Path], timeout: float = 60) -> Iterator[
                                 "start one with `mnist-mlops serve`") from None
             if resp.status_code == 200:
                 body = resp.json()
-                yield Answer(path.name, int(body["digit"]), float(body["confidence"]), str(body["model_version"]))
+                yield Answer(path.name, int(body["digit"]), float(body["confidence"]), str(body["model_version"]),
+                             blank=bool(body.get("blank")))
             else:
                 yield Answer(path.name, error=f"{resp.status_code}: {error_reason(resp)}")

@@ -126,10 +126,11 @@ def champion_bento(root: Path) -> str:
     return tag
 
 
-def serve_command(root: Path, host: str, port: int, pin: str | None,
+def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir: Path,
                   on_build=lambda message: None) -> tuple[list[str], dict[str, str], str]:
     """`bentoml serve` of the champion's Bento (built first if missing), and its environment:
-    following the champion alias by default, or pinned to `pin`. Returns (cmd, env, Bento tag)."""
+    following the champion alias by default, or pinned to `pin`; its Prometheus files in
+    `metrics_dir`, this serve's own (see serving/launch.py). Returns (cmd, env, Bento tag)."""
     import sys
 
     from mnist_mlops import feedback, prediction_log, registry
@@ -159,5 +160,7 @@ def serve_command(root: Path, host: str, port: int, pin: str | None,
         env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # restored file is seen at once
     env.pop(FOLLOW_ENV if pin else PIN_ENV, None)
     env.update({PIN_ENV: str(pin)} if pin else {FOLLOW_ENV: "1"})
-    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    cmd = [sys.executable, "-m", "mnist_mlops.serving.launch", str(metrics_dir),
+           "serve", tag, "--host", host, "--port", str(port)]
     return cmd, env, tag

@@ -176,25 +176,31 @@ class Prediction(BaseModel):
     confidence: float = Field(description="the probability of that digit")
     probabilities: list[float] = Field(description="the probability of each digit 0–9")
     model_version: str = Field(description=f"the registered version of {MODEL_NAME} that answered")
+    blank: bool = Field(description="true: the input holds no digit (almost no ink), so `digit` is no reading "
+                                    "of it: draw or send a digit first")
 
 
 class ModelInfo(BaseModel):
+    """GET /model. Every field but the last three describes the model answering now; those name
+    what they are: the follower's state and the model this Bento was built with (its fallback)."""
+
     model_name: str
-    model_version: str
-    run_id: str
-    data_md5: str | None = None
+    model_version: str = Field(description="the registered version answering now")
+    run_id: str = Field(description="the MLflow run that trained it")
+    data_md5: str | None = Field(None, description="the data version (data.dvc md5) it was trained on")
     test_accuracy: float | None = None
-    canary_accuracy: float | None = None
-    source: str = Field(description="registry (loaded from MLflow) or the Bento's own model")
+    canary_accuracy: float | None = Field(None, description="its score on the canary digits when swapped in")
+    source: str = Field(description="registry (loaded from MLflow) or `bento <tag>` (the Bento's own model)")
     loaded_at: str
     mode: str = Field(description="follow: swaps to each new champion; pinned: serves one version")
-    last_reload_error: str | None = None
-    registry_reachable: bool | None = None
     champion_version: str | None = Field(None, description="the version the champion alias names (follow mode)")
     behind: bool | None = Field(None, description="true while the champion is not the version answering")
     refused_version: str | None = Field(None, description="a champion this worker cannot serve, until the alias moves")
-    bentoml_model: str
     device: str
+    last_reload_error: str | None = Field(None, description="the last version the follower refused, and why")
+    registry_reachable: bool | None = None
+    bento_builtin_model: str = Field(description="the BentoML model built into this Bento: it answers only "
+                                                 "when `source` says bento")
 
 
 def error_body(status: int, kind: str, message: str, loc: str) -> dict:
@@ -572,7 +578,7 @@ class MnistClassifier:
                          champion_version=f.state.champion if f else None,
                          behind=f.state.behind(a.version) if f else None,
                          refused_version=f.state.refused if f else None,
-                         bentoml_model=str(self.bento_model.tag), device=self.device)
+                         bento_builtin_model=str(self.bento_model.tag), device=self.device)
 
     def probabilities(self, x: np.ndarray, active: LoadedModel | None = None) -> np.ndarray:
         if NOOP_MODEL:
@@ -583,11 +589,13 @@ class MnistClassifier:
         active = self.active  # read once: the whole batch is answered by one model
         probs = self.probabilities(x, active)
         digits = probs.argmax(axis=1)
+        blank = ~has_ink(prediction_log.to_uint8(x))
         ids = prediction_log.new_ids(len(x))
         if self.log is not None:
             self.log.record(ids, endpoint, active.version, probs, x)
         return [{"prediction_id": i, "digit": int(d), "confidence": float(p[d]), "probabilities": p.tolist(),
-                 "model_version": active.version} for i, d, p in zip(ids, digits, probs, strict=True)]
+                 "model_version": active.version, "blank": bool(b)}
+                for i, d, p, b in zip(ids, digits, probs, blank, strict=True)]
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, images: Images) -> list[Prediction]:

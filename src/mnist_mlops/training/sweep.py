@@ -199,10 +199,11 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
     the worker dies, the candidate is stopped, its MLflow run marked KILLED, and it fails
     (a worker's flow runs outlive it otherwise, and nobody would report them)."""
     from mnist_mlops.platform.processes import alive, ancestors, detach_output
-    from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV
+    from mnist_mlops.platform.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, RUN_NAME_ENV
 
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root)}
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "MNIST_MLOPS_ROOT": str(root),
+           RUN_NAME_ENV: f"sweep · candidate-{index} · {' '.join(overrides)}"}
     env.setdefault(FLOW_RUN_ENV, "none")
     cmd = [sys.executable, "-m", "mnist_mlops.training.sweep", "--out", str(workdir), *(["--upload"] * upload)]
     for override in overrides:
@@ -396,6 +397,56 @@ def install(root: Path, winner: Candidate) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - surface DVC's one-line reason
             raise UserError(f"dvc commit train failed: {str(exc).splitlines()[0]}") from None
     return changed
+
+
+# What installing a winner changes, beside the outputs of these stages: kept aside until the gate decides.
+INSTALLED_FILES = ("params.yaml", "dvc.lock")
+INSTALLED_STAGES = ("train", "evaluate")
+
+
+def stage_outputs(root: Path, stages: tuple[str, ...] = INSTALLED_STAGES) -> list[str]:
+    """Every output dvc.yaml declares for `stages` (outs, metrics and plots), as paths in the project."""
+    import yaml
+
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return [next(iter(item)) if isinstance(item, dict) else str(item)
+            for name in stages for kind in ("outs", "metrics", "plots") for item in spec[name].get(kind, [])]
+
+
+def _replace(source: Path, target: Path) -> None:
+    """`target` := a copy of `source` (file or folder), or nothing when `source` does not exist."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    if source.is_dir():
+        shutil.copytree(source, target)
+    elif source.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def snapshot(root: Path, dest: Path) -> Path:
+    """Keep a copy of what `install` changes (params.yaml, dvc.lock, the train and evaluate
+    outputs), so a winner whose model the gate refuses leaves the project as it was."""
+    for rel in [*INSTALLED_FILES, *stage_outputs(root)]:
+        _replace(root / rel, dest / rel)
+    return dest
+
+
+def restore(root: Path, snap: Path) -> None:
+    """Undo `install`: params.yaml, the train and evaluate outputs and their dvc.lock entries as
+    `snapshot` found them; prepare and robustness, which ran for the sweep, recorded as they are."""
+    from mnist_mlops.platform.versioning import dvc_repo
+
+    for rel in [*INSTALLED_FILES, *stage_outputs(root)]:
+        _replace(snap / rel, root / rel)
+    with dvc_repo(root) as repo:
+        try:
+            for name in ("prepare", "robustness"):
+                repo.commit(name, force=True)
+        except Exception as exc:  # noqa: BLE001 - surface DVC's one-line reason
+            raise UserError(f"dvc commit failed restoring the project: {str(exc).splitlines()[0]}") from None
 
 
 def cleanup(workdir: Path) -> None:

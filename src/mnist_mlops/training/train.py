@@ -174,6 +174,7 @@ def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> s
         close_stale_runs,
         run_tags,
         setup_mlflow,
+        training_run_name,
     )
     from mnist_mlops.training.plots import learning_curves
 
@@ -183,8 +184,8 @@ def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> s
     parent = os.environ.get(PARENT_RUN_ENV) or None  # a sweep's child run (see sweep.py)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
-    with mlflow.start_run(tags={**run_tags(paths, params.data.source), **(tags or {})}, parent_run_id=parent,
-                          log_system_metrics=True) as run:
+    with mlflow.start_run(run_name=training_run_name(paths), parent_run_id=parent, log_system_metrics=True,
+                          tags={**run_tags(paths, params.data.source), **(tags or {})}) as run:
         mlflow.log_params(params.flat())
         log_datasets(paths)
         model, rows = fit(params, paths)

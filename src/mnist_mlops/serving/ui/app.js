@@ -285,9 +285,16 @@
       const resp = await fetch(PREDICT_URL, { method: "POST", body: data, headers: headers() });
       if (!resp.ok) throw new Error(await errorMessage(resp));
       const body = await resp.json();
+      rememberKey();
+      if (body.blank === true) {  // no ink: the model's "digit" would be a guess about nothing
+        answerEl.hidden = true;
+        lastPrediction = null;
+        setStatus("No digit found.");
+        showError(`${chosenFile ? "The chosen image holds" : "The drawing holds"} no digit: draw a digit first.`);
+        return;
+      }
       renderResult(body);
       setStatus(`Predicted from ${chosenFile ? "the chosen image" : "the drawing"}.`);
-      rememberKey();
     } catch (err) {
       answerEl.hidden = true;
       setStatus("No prediction.");
