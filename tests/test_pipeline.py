@@ -173,5 +173,16 @@ def test_run_summary_written_for_dvc(trained_project: Project) -> None:
     assert dvc_metrics["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
     assert registered["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
     assert dvc_metrics["robustness"] == {name: round(logged[f"robust_{name}"], 4) for name in NAMES}
+    # the foreign slice: overall, per source, per class, the worst class; in DVC, MLflow, the version
+    assert dvc_metrics["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
+    assert registered["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
+    assert {"printed", "stroke", "worst_class", "class_1"} <= set(dvc_metrics["foreign"])
+    assert dvc_metrics["foreign"]["worst_class"] == round(min(logged[f"foreign_class_{d}"] for d in range(10)), 4)
+    assert set(dvc_metrics["foreign"]["families"]) == {"Caladea", "Ubuntu", "Noto Sans", "Red Hat Display",
+                                                       "Intuitive", "Hershey triplex"}
+    assert f"{dvc_metrics['foreign_accuracy']:.6f}" == champion.tags["foreign_accuracy"]
+    assert f"foreign accuracy {champion.tags['foreign_accuracy']}" in champion.description
+    assert "foreign accuracy" in trained_project.first_run_output
     table = trained_project.run("dvc", "metrics", "show").stdout
     assert "robust_accuracy" in table and "robustness.thick_2" in table
+    assert "foreign_accuracy" in table and "foreign.worst_class" in table

@@ -26,6 +26,7 @@ MODEL_DESCRIPTION = (
     "say what was decided and why. `mnist-mlops promote` / `rollback` move the alias by hand."
 )
 TAG_FLOOR = "gate.min_accuracy"  # the floor a decision was made under: a new floor re-gates
+TOLERANCES = {"robust": "evaluate.max_robust_drop", "foreign": "evaluate.max_foreign_drop"}  # slice -> its param
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ def describe_version(version: str, gate_line: str) -> None:
     """The version page's description: what the version is, and what the gate made of it."""
     tags = get_version(version).tags
     text = (f"mnist-convnet v{version}, trained on data version {tags.get('data.md5', 'unknown')} "
-            f"(data.dvc); test accuracy {tags.get('test_accuracy', 'n/a')}.\n\n{gate_line}")
+            f"(data.dvc); test accuracy {tags.get('test_accuracy', 'n/a')}, robust accuracy "
+            f"{tags.get('robust_accuracy', 'n/a')}, foreign accuracy {tags.get('foreign_accuracy', 'n/a')} "
+            f"(worst class {tags.get('foreign_worst_class', 'n/a')}).\n\n{gate_line}")
     client().update_model_version(MODEL_NAME, version, description=text)
 
 
@@ -132,7 +135,7 @@ def _compare(name: str, mine: float, theirs: float, digits: int, champion: str, 
                 else f"ok: {line} >= champion v{champion} ({theirs:.4f}) on {where}")
     if theirs - mine > tolerance:
         return (f"{line} is {theirs - mine:.4f} below champion v{champion} ({theirs:.4f}) on {where}: "
-                f"a drop of more than evaluate.max_robust_drop={tolerance}")
+                f"a drop of more than {TOLERANCES.get(name, 'the tolerance')}={tolerance}")
     return f"ok: {line} within {tolerance} of champion v{champion} ({theirs:.4f}) on {where}"
 
 
@@ -141,8 +144,9 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
          tolerances: dict[str, float] | None = None) -> Decision:
     """Promote `version` iff it clears the floor on the base test split and is not worse than
     the champion, both re-scored, on the base test split nor on any slice (e.g. "feedback",
-    "robust"); a slice named in `tolerances` refuses only a drop of more than its tolerance
-    (the robustness slice: `evaluate.max_robust_drop`).
+    "robust", "foreign"); a slice named in `tolerances` refuses only a drop of more than its
+    tolerance (the robustness slice: `evaluate.max_robust_drop`, the foreign slice:
+    `evaluate.max_foreign_drop`).
 
     A version is decided once per floor: rerunning the gate under the same floor reports the
     earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again
