@@ -32,7 +32,7 @@ __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvc/config", ".dvc/.gitignore",
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "requirements.lock", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore", ".gitignore", "bentofile.yaml", "prefect.yaml", "src", "pipelines"]
 # One epoch learns little through augmentation: the tests of the pipeline train on the digits as
 # they are (augmentation has its own tests: determinism in test_pipeline, the robustness slice).
