@@ -19,7 +19,7 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "BENTOML_DO
          "GIT_PYTHON_REFRESH": "quiet"}
 os.environ.update(QUIET)
 # The project files a user's checkout holds (as tests/conftest.py copies them).
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvc/config", ".dvc/.gitignore",
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "requirements.lock", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore", ".gitignore", "bentofile.yaml", "prefect.yaml", "src", "pipelines"]
 
 

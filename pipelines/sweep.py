@@ -1,5 +1,5 @@
 """The sweep flow: check → fetch → version → prepare → train each grid combination (child runs) →
-keep the best by val and robust-val accuracy → evaluate → promote → package. The ML lives in
+keep the best by val, robust-val and foreign-val accuracy → evaluate → promote → package. The ML lives in
 `mnist_mlops.training.sweep`; this flow only orders the steps and records them.
 
 With a work pool (`pool`), the candidates are flow runs of `mnist-sweep-candidate` (deployed
@@ -44,13 +44,14 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 @task(name="candidate")
 def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, workdir: str) -> dict:
-    """Train one combination as a nested MLflow child run; returns its val and robust-val accuracy."""
+    """Train one combination as a nested MLflow child run; returns its val, robust-val and foreign-val accuracy."""
     from mnist_mlops.training import sweep
 
     cand = sweep.train_candidate(Path(root), index, overrides, parent_run_id, Path(workdir))
     sweep.record_candidate(Path(root), parent_run_id, cand)
-    get_run_logger().info("candidate %s: val accuracy %.4f, robust val accuracy %.4f (run %s)", cand.label,
-                          cand.val_accuracy, cand.robust_val_accuracy, cand.run_id)
+    get_run_logger().info("candidate %s: val accuracy %.4f, robust val accuracy %.4f, foreign val accuracy %.4f "
+                          "(run %s)", cand.label, cand.val_accuracy, cand.robust_val_accuracy,
+                          cand.foreign_val_accuracy, cand.run_id)
     return asdict(cand)
 
 
@@ -215,7 +216,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                install_anyway: bool = False) -> dict:
     """Every combination of `grid` (`section.key=v1,v2` strings) as child runs of one parent
     MLflow run, one after another here or all at once on the workers of `pool`; only the best
-    (val and robust-val accuracy) is evaluated, gated and packaged. Its params stay in
+    (val, robust-val and foreign-val accuracy) is evaluated, gated and packaged. Its params stay in
     params.yaml only when its model passes the gate, or with `install_anyway`."""
     from mnist_mlops.platform.locking import pipeline_lock
     from mnist_mlops.platform.tracking import run_tags
@@ -232,6 +233,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
                    **versioned_data(root, params)[0]}
         stage.with_options(name="prepare")(root, "prepare")
         stage.with_options(name="robustness")(root, "robustness")  # the candidates score on robust-val
+        stage.with_options(name="foreign")(root, "foreign")  # ... train on its training families, score on its val
         parent = sweep.start_parent(paths.root, list(grid or []), combos,
                                     {**run_tags(paths, summary["data source"]), "sweep.pool": pool or "none"})
         paths.artifacts.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,7 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
             "best": winner.label,
             "best val accuracy": f"{winner.val_accuracy:.4f}",
             "best robust val accuracy": f"{winner.robust_val_accuracy:.4f}",
+            "best foreign val accuracy": f"{winner.foreign_val_accuracy:.4f}",
             "MLflow parent run id": parent,
             "evaluated": "yes" if evaluated else "no (DVC skipped: unchanged)",
             **gate_rows(gate),
@@ -281,14 +284,16 @@ def sweep_flow(root: str = ".", grid: list[str] | None = None, package_bento: bo
             summary["bento"] = package(root)["bento"]
         table = [{"combination": " ".join(c["overrides"]), "val_accuracy": round(c["val_accuracy"], 4),
                   "robust_val_accuracy": round(c["robust_val_accuracy"], 4),
-                  "score": round((c["val_accuracy"] + c["robust_val_accuracy"]) / 2, 4),
+                  "foreign_val_accuracy": round(c["foreign_val_accuracy"], 4),
+                  "score": round(sweep.Candidate(**c).score, 4),
                   "val_loss": round(c["val_loss"], 4), "run_id": c["run_id"],
                   "best": c["run_id"] == winner.run_id, "failed": ""} for c in cands]
         table += [{"combination": " ".join(f["overrides"]), "val_accuracy": None, "robust_val_accuracy": None,
-                   "score": None, "val_loss": None, "run_id": "", "best": False, "failed": f["message"]}
+                   "foreign_val_accuracy": None, "score": None, "val_loss": None, "run_id": "", "best": False,
+                   "failed": f["message"]}
                   for f in failed]
         create_table_artifact(table=table, key="sweep-candidates",
-                              description="sweep candidates: score = mean of val and robust-val accuracy")
+                              description="sweep candidates: score = mean of val, robust-val and foreign-val accuracy")
         create_markdown_artifact(markdown=summary_markdown(summary).replace("MNIST training run", "MNIST sweep"),
                                  key="sweep-summary", description="summary of the sweep")
         summary["leaderboard"] = table

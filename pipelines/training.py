@@ -115,6 +115,7 @@ def promote(root: str, min_accuracy: float) -> dict:
     """Register the model the evaluate stage logged (once per trained model), then the champion gate."""
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
+    from mnist_mlops.training import foreign
     from mnist_mlops.training.prepare import feedback_slice, test_split
     from mnist_mlops.training.robustness import gate_slice
 
@@ -125,11 +126,14 @@ def promote(root: str, min_accuracy: float) -> dict:
                                 evaluated["version_tags"])
     params = load_params(paths.root)
     test, fb, robust = test_split(paths, params), feedback_slice(paths, params), gate_slice(paths, params)
+    alien = foreign.gate_slice(paths, params)
     decision = registry.gate(version, test.x, test.y, min_accuracy,
-                             {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y)},
-                             tolerances={"robust": params.evaluate.max_robust_drop})
+                             {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y), "foreign": (alien.x, alien.y)},
+                             tolerances={"robust": params.evaluate.max_robust_drop,
+                                         "foreign": params.evaluate.max_foreign_drop})
     registered = {"model": evaluated["model"], "version": version, "run_id": evaluated["run_id"],
-                  "accuracy": evaluated.get("accuracy"), "robust_accuracy": evaluated.get("robust_accuracy")}
+                  **{k: evaluated.get(k) for k in ("accuracy", "robust_accuracy", "foreign_accuracy",
+                                                   "foreign_worst_class")}}
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
     result = {**registered, "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
               "changed": decision.changed, "earlier": decision.earlier, "champion": registry.champion_version()}
@@ -235,6 +239,9 @@ def gate_rows(gate: dict) -> dict:
         "test accuracy": f"{gate['accuracy']:.4f}" if gate.get("accuracy") is not None else "n/a",
         "robust accuracy": (f"{gate['robust_accuracy']:.4f} (mean over the corruptions of the robustness slice)"
                             if gate.get("robust_accuracy") is not None else "n/a"),
+        "foreign accuracy": (f"{gate['foreign_accuracy']:.4f}, worst class {gate['foreign_worst_class']:.4f} "
+                             "(printed and pen-drawn digits of font families never trained on)"
+                             if gate.get("foreign_accuracy") is not None else "n/a"),
         "promoted": promoted_row(gate),
         "why": gate["reason"],
         **({"champion": f"v{gate['champion']}"} if gate.get("champion") else {}),
@@ -261,7 +268,7 @@ def run_pipeline(root: str, params: Params, package_bento: bool, trigger: str = 
     summary = {"Prefect flow run": flow_run.get_name(), "Prefect flow run id": flow_run.get_id(),
                **({"started because": reason} if reason else {}), **rows}
     ran: dict[str, bool] = {}
-    for name in ("prepare", "robustness", "train", "evaluate"):
+    for name in ("prepare", "robustness", "foreign", "train", "evaluate"):
         if name == "evaluate" and ran["train"]:  # the gate will score a new model: import TF meanwhile
             preload.in_background("tensorflow", "keras")
         ran[name] = stage.with_options(name=name)(root, name)

@@ -32,11 +32,12 @@ __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvc/config", ".dvc/.gitignore",
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "requirements.lock", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore", ".gitignore", "bentofile.yaml", "prefect.yaml", "src", "pipelines"]
 # One epoch learns little through augmentation: the tests of the pipeline train on the digits as
 # they are (augmentation has its own tests: determinism in test_pipeline, the robustness slice).
-FAST_PARAMS = ["train.epochs=1", "evaluate.min_accuracy=0.5", "prepare.robust_digits=20", "augment.enabled=false"]
+FAST_PARAMS = ["train.epochs=1", "evaluate.min_accuracy=0.5", "prepare.robust_digits=20", "augment.enabled=false",
+               "foreign.digits=20", "foreign.train_digits=20"]
 # The pipeline is under test, not the model: a small ConvNet keeps each training short.
 SMALL_MODEL = ["model.filters=[16,32]", "model.convs_per_block=1", "model.dense_units=64", "model.batch_norm=false",
                "evaluate.misclassified_grid=9"]

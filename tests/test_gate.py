@@ -308,3 +308,30 @@ def test_what_a_gate_that_changes_nothing_says(store, digits, models) -> None:
     assert not regated.promoted and not regated.changed and champion(store) == worse
     assert f"v{good} was rolled back to v{worse} by hand" in regated.reason and "not re-gated" in regated.reason
     assert promoted_row(regated) == "no change (decided earlier: rolled back)"
+
+
+def test_a_challenger_clearly_worse_on_foreign_digits_is_refused(store, digits, models) -> None:
+    """A softmax regression also fitted on the training families' printed and pen-drawn digits
+    reads the foreign slice's (other families') clearly better than one fitted on MNIST alone:
+    challenging it, the MNIST-only one is refused, naming evaluate.max_foreign_drop."""
+    from mnist_mlops.preprocess import normalize
+    from mnist_mlops.training import foreign
+
+    x, y, xt, yt = digits
+    seen, unseen = foreign.build("train", 200), foreign.build("test", 100)
+    slices = {"foreign": (normalize(unseen["x"]), unseen["y"].astype(np.int32))}
+    also_foreign = softmax_model(np.concatenate([x, normalize(seen["x"])]),
+                                 np.concatenate([y, seen["y"].astype(np.int32)]), 4)
+    pair = [also_foreign, models["good"]]
+    acc = [float((m.predict(slices["foreign"][0], verbose=0).argmax(1) == unseen["y"]).mean()) for m in pair]
+    drop = acc[0] - acc[1]
+    assert drop > 0.02, f"the model that saw other fonts should read these clearly better (by {drop:.4f})"
+    champ = register(also_foreign)
+    assert registry.gate(champ, xt, yt, 0.5).promoted
+    same = also_foreign.predict(xt, verbose=0).argmax(1) == models["good"].predict(xt, verbose=0).argmax(1)
+
+    refused = register(models["good"])
+    d = registry.gate(refused, xt[same], yt[same], 0.5, slices, tolerances={"foreign": 0.01})
+    assert not d.promoted and champion(store) == champ
+    assert "foreign accuracy" in d.reason and "evaluate.max_foreign_drop=0.01" in d.reason
+    assert "test accuracy" not in d.reason

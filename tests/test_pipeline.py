@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+from mnist_mlops.training import foreign
 from mnist_mlops.training.robustness import NAMES
 
 from helpers import Project, copy_project
@@ -105,7 +106,7 @@ def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project
     proc = copy.cli("run", "--no-package", "--set", "train.epochs=2")
     out = proc.stdout + proc.stderr
     assert "params.yaml updated: train.epochs=2" in out
-    assert "stage prepare skipped" in out
+    assert "stage prepare skipped" in out and "stage foreign skipped" in out
     assert "stage train ran" in out and "stage evaluate ran" in out
     assert versions(copy) == ["1", "2"]
     history = copy.mlflow_client().get_metric_history(
@@ -182,5 +183,16 @@ def test_run_summary_written_for_dvc(trained_project: Project) -> None:
     assert dvc_metrics["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
     assert registered["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
     assert dvc_metrics["robustness"] == {name: round(logged[f"robust_{name}"], 4) for name in NAMES}
+    # the foreign slice: overall, per source, per class, the worst class; in DVC, MLflow, the version
+    assert dvc_metrics["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
+    assert registered["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
+    assert {"printed", "stroke", "worst_class", "class_1"} <= set(dvc_metrics["foreign"])
+    assert dvc_metrics["foreign"]["worst_class"] == round(min(logged[f"foreign_class_{d}"] for d in range(10)), 4)
+    assert {"Caladea", "Hershey triplex"} <= set(dvc_metrics["foreign"]["families"]) <= {
+        f.name for f in foreign.families("test")}  # the test families only (20 digits: not all of them)
+    assert f"{dvc_metrics['foreign_accuracy']:.6f}" == champion.tags["foreign_accuracy"]
+    assert f"foreign accuracy {champion.tags['foreign_accuracy']}" in champion.description
+    assert "foreign accuracy" in trained_project.first_run_output
     table = trained_project.run("dvc", "metrics", "show").stdout
     assert "robust_accuracy" in table and "robustness.thick_2" in table
+    assert "foreign_accuracy" in table and "foreign.worst_class" in table

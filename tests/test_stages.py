@@ -24,6 +24,7 @@ NOT_STAGE_INPUTS = {
                     "the flow's fetch step (its result, data/, is the prepare stage's dependency)"),
     "evaluate.min_accuracy": "the champion gate, after the stages (a new floor re-gates, it does not re-register)",
     "evaluate.max_robust_drop": "the champion gate, after the stages (it compares with the champion)",
+    "evaluate.max_foreign_drop": "the champion gate, after the stages (it compares with the champion)",
     "serve.": "the Bento build (mnist-mlops package) and `mnist-mlops serve`",
     "monitor.": "the monitor flow, which reads the prediction log, never a stage's output",
 }

@@ -40,25 +40,29 @@ def test_grid_parsing():
         parse_grid(["train.epochs=1", "train.epochs=2"])
 
 
-def test_best_is_by_val_and_robust_val_accuracy_then_val_loss_then_grid_order():
-    def cand(i, acc, loss, robust):
-        return Candidate(i, [f"train.seed={i}"], f"r{i}", acc, loss, "", robust)
+def test_best_is_by_val_robust_val_and_foreign_val_accuracy_then_val_loss_then_grid_order():
+    def cand(i, acc, loss, robust, alien=0.9):
+        return Candidate(i, [f"train.seed={i}"], f"r{i}", acc, loss, "", robust, alien)
 
     assert best([cand(0, 0.90, 0.3, 0.9), cand(1, 0.95, 0.5, 0.9), cand(2, 0.95, 0.4, 0.9)]).index == 2
     assert best([cand(0, 0.9, 0.3, 0.9), cand(1, 0.9, 0.3, 0.9)]).index == 0
     # the best on clean val data alone loses to one that reads corrupted digits much better
     assert best([cand(0, 0.97, 0.1, 0.80), cand(1, 0.96, 0.2, 0.90)]).index == 1
-    assert cand(1, 0.96, 0.2, 0.90).score == pytest.approx(0.93)
+    assert cand(1, 0.96, 0.2, 0.90, 0.87).score == pytest.approx(0.91)
+    # ... and one that reads printed digits of unseen fonts much better wins too
+    assert best([cand(0, 0.97, 0.1, 0.90, 0.80), cand(1, 0.96, 0.2, 0.90, 0.90)]).index == 1
 
 
 def test_a_worker_checkout_must_hold_the_sweeps_params_and_prepared_data(tmp_path):
     """What a candidate checks first on its worker: one line naming the difference, before training."""
     shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
     lock = {"stages": {"prepare": {"outs": [{"path": "artifacts/prepared", "md5": "a" * 32 + ".dir"}]},
-                       "robustness": {"outs": [{"path": "artifacts/robust", "md5": "b" * 32 + ".dir"}]}}}
+                       "robustness": {"outs": [{"path": "artifacts/robust", "md5": "b" * 32 + ".dir"}]},
+                       "foreign": {"outs": [{"path": "artifacts/foreign", "md5": "d" * 32 + ".dir"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     params, prepared = load_params(tmp_path).model_dump(mode="json"), prepared_md5s(tmp_path)
-    assert prepared == {"artifacts/prepared": "a" * 32 + ".dir", "artifacts/robust": "b" * 32 + ".dir"}
+    assert prepared == {"artifacts/prepared": "a" * 32 + ".dir", "artifacts/robust": "b" * 32 + ".dir",
+                        "artifacts/foreign": "d" * 32 + ".dir"}
     check_checkout(tmp_path, params, prepared)  # the sweep's own checkout
     other = {**params, "train": {**params["train"], "epochs": 99}}
     with pytest.raises(UserError, match=rf"has train.epochs={params['train']['epochs']}, the sweep 99: commit"):
@@ -102,13 +106,16 @@ def test_sweep_two_by_one(project):
         "sweep · candidate-1 · train.learning_rate=0.003 train.batch_size=64"}
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
 
-    # the best by val and robust-val accuracy, and only it, was evaluated and registered
-    winner = max(children, key=lambda c: c.data.metrics["val_accuracy"] + c.data.metrics["robust_val_accuracy"])
+    # the best by val, robust-val and foreign-val accuracy, and only it, was evaluated and registered
+    winner = max(children, key=lambda c: sum(c.data.metrics[k] for k in ("val_accuracy", "robust_val_accuracy",
+                                                                          "foreign_val_accuracy")))
     assert parent.data.tags["sweep.best_run_id"] == winner.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(winner.data.metrics["val_accuracy"])
     assert parent.data.metrics["best_robust_val_accuracy"] == pytest.approx(
         winner.data.metrics["robust_val_accuracy"])
-    assert "robust val accuracy" in out
+    assert parent.data.metrics["best_foreign_val_accuracy"] == pytest.approx(
+        winner.data.metrics["foreign_val_accuracy"])
+    assert "robust val accuracy" in out and "foreign val accuracy" in out
     loser = next(c for c in children if c.info.run_id != winner.info.run_id)
     assert "test_accuracy" in winner.data.metrics and "test_accuracy" not in loser.data.metrics
     versions = client.search_model_versions("name='mnist-convnet'")

@@ -495,16 +495,18 @@ def sweep(
 
 def leaderboard(rows: list[dict]) -> Table:
     """The sweep's candidates, the winner starred; failed candidates say why."""
-    board = Table(title="sweep candidates (chosen by score: the mean of val and robust-val accuracy)",
+    board = Table(title="sweep candidates (chosen by score: the mean of val, robust-val and foreign-val accuracy)",
                   title_justify="left")
-    for column in ("combination", "val accuracy", "robust val accuracy", "score", "val loss", "MLflow run", "best"):
+    for column in ("combination", "val accuracy", "robust val accuracy", "foreign val accuracy", "score", "val loss",
+                   "MLflow run", "best"):
         board.add_column(column)
     for row in rows:
         if row.get("failed"):
-            board.add_row(row["combination"], "failed", "", "", "", row["failed"], "")
+            board.add_row(row["combination"], "failed", "", "", "", "", row["failed"], "")
             continue
         board.add_row(row["combination"], f"{row['val_accuracy']:.4f}", f"{row['robust_val_accuracy']:.4f}",
-                      f"{row['score']:.4f}", f"{row['val_loss']:.4f}", row["run_id"], "*" if row["best"] else "")
+                      f"{row['foreign_val_accuracy']:.4f}", f"{row['score']:.4f}", f"{row['val_loss']:.4f}",
+                      row["run_id"], "*" if row["best"] else "")
     return board
 
 

@@ -58,6 +58,15 @@ class PrepareParams(_Section):
     robust_digits: int = Field(200, ge=10, le=100_000)
 
 
+class ForeignParams(_Section):
+    """The foreign slice (training/foreign.py): printed and stroke-drawn digits of font families
+    split by family; `train_share` of every training batch comes from the training families."""
+
+    digits: int = Field(500, ge=10, le=100_000)  # of each source, in the val and in the test slice
+    train_digits: int = Field(2000, ge=10, le=1_000_000)  # of each source, from the training families
+    train_share: float = Field(0.2, ge=0, lt=1)
+
+
 class ModelParams(_Section):
     filters: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=3)
     convs_per_block: int = Field(1, ge=1, le=4)
@@ -99,6 +108,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     min_accuracy: float = Field(0.95, ge=0, le=1)
     max_robust_drop: float = Field(0.01, ge=0, le=1)
+    max_foreign_drop: float = Field(0.01, ge=0, le=1)
     misclassified_grid: int = Field(36, ge=0, le=400)
 
 
@@ -134,6 +144,7 @@ class MonitorParams(_Section):
 class Params(_Section):
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
+    foreign: ForeignParams = ForeignParams()
     model: ModelParams = ModelParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
@@ -282,6 +293,7 @@ class Paths:
         self.artifacts = self.root / "artifacts"
         self.prepared = self.artifacts / "prepared"
         self.robust = self.artifacts / "robust"  # the robustness slices (training/robustness.py)
+        self.foreign = self.artifacts / "foreign"  # the foreign digits and slices (training/foreign.py)
         self.model_dir = self.artifacts / "model"
         self.model_file = self.model_dir / "model.keras"
         self.train_run = self.model_dir / "run.json"

@@ -28,6 +28,7 @@ MODEL_DESCRIPTION = (
 )
 TAG_FLOOR = "gate.min_accuracy"  # the floor a decision was made under: a new floor re-gates
 TAG_WEIGHTS = "model.weights_md5"  # md5 of the trained model file: one version per trained model
+TOLERANCES = {"robust": "evaluate.max_robust_drop", "foreign": "evaluate.max_foreign_drop"}  # slice -> its param
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ def describe_version(version: str, gate_line: str) -> None:
     """The version page's description: what the version is, and what the gate made of it."""
     tags = get_version(version).tags
     text = (f"mnist-convnet v{version}, trained on data version {tags.get('data.md5', 'unknown')} "
-            f"(data.dvc); test accuracy {tags.get('test_accuracy', 'n/a')}.\n\n{gate_line}")
+            f"(data.dvc); test accuracy {tags.get('test_accuracy', 'n/a')}, robust accuracy "
+            f"{tags.get('robust_accuracy', 'n/a')}, foreign accuracy {tags.get('foreign_accuracy', 'n/a')} "
+            f"(worst class {tags.get('foreign_worst_class', 'n/a')}).\n\n{gate_line}")
     client().update_model_version(MODEL_NAME, version, description=text)
 
 
@@ -154,7 +157,7 @@ class Comparison:
         them = f"champion v{champion} ({self.theirs:.4f})"
         if self.tolerance and self.worse:
             return (f"{line} is {self.theirs - self.mine:.4f} below {them} on {where}: "
-                    f"a drop of more than evaluate.max_robust_drop={self.tolerance}")
+                    f"a drop of more than {TOLERANCES.get(self.name, 'the tolerance')}={self.tolerance}")
         if self.tolerance:
             return f"{line} within {self.tolerance} of {them} on {where}"
         if self.worse:
@@ -204,9 +207,9 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
          tolerances: dict[str, float] | None = None) -> Decision:
     """Promote `version` iff it clears the floor on the base test split and, both re-scored,
     is not worse than the champion on the base test split nor on any slice (e.g. "feedback",
-    "robust"), and better on at least one: a tie keeps the champion. A slice named in
+    "robust", "foreign"), and better on at least one: a tie keeps the champion. A slice named in
     `tolerances` refuses only a drop of more than its tolerance (the robustness slice:
-    `evaluate.max_robust_drop`).
+    `evaluate.max_robust_drop`, the foreign slice: `evaluate.max_foreign_drop`).
 
     A version is decided once per floor: rerunning the gate under the same floor reports the
     earlier decision; under a new floor (`evaluate.min_accuracy` changed) it decides again

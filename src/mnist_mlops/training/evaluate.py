@@ -1,6 +1,6 @@
-"""Evaluate: score the trained model on the test split (and the feedback and robustness
-slices) and log it to its MLflow run; the flow's promote step registers it (once per trained
-model) and gates it."""
+"""Evaluate: score the trained model on the test split (and the feedback, robustness and
+foreign slices) and log it to its MLflow run; the flow's promote step registers it (once per
+trained model) and gates it."""
 from __future__ import annotations
 
 import csv
@@ -69,6 +69,16 @@ def robustness_metrics(model, paths: Paths) -> dict[str, float]:
     robust = load_slice(paths, "robust")
     correct = probabilities(model, robust.x).argmax(axis=1) == robust.y
     return per_corruption(correct, robust.kind)
+
+
+def foreign_metrics(model, paths: Paths) -> tuple[dict[str, float], dict[str, float]]:
+    """`foreign_accuracy`, per source, per class and the worst class on the foreign test slice
+    (digits of font families never trained on: foreign.py), and the accuracy per family."""
+    from mnist_mlops.training.foreign import load, metrics, per_family
+
+    foreign = load(paths, "test")
+    correct = probabilities(model, foreign.x).argmax(axis=1) == foreign.y
+    return metrics(correct, foreign), per_family(correct, foreign)
 
 
 def _patch_keras_input_example() -> None:
@@ -164,6 +174,8 @@ def evaluate(params: Params, paths: Paths) -> dict:
                **per_class(test.y, pred)}
     robust = robustness_metrics(model, paths)
     metrics |= robust
+    foreign, families = foreign_metrics(model, paths)
+    metrics |= foreign
     paths.reports.mkdir(parents=True, exist_ok=True)
     write_confusion_csv(test.y, pred, paths.confusion)
     figures = write_figures(model, test.x, test.y, probs, robust, params, paths)
@@ -182,6 +194,8 @@ def evaluate(params: Params, paths: Paths) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(monitoring_reference(paths, probs, Path(tmp) / REFERENCE_FILE)), "monitoring")
         tags = {"test_accuracy": f"{result.accuracy:.6f}", "robust_accuracy": f"{robust['robust_accuracy']:.6f}",
+                "foreign_accuracy": f"{foreign['foreign_accuracy']:.6f}",
+                "foreign_worst_class": f"{foreign['foreign_worst_class']:.6f}",
                 "finite_outputs": str(result.finite).lower(),
                 "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
                 **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
@@ -189,15 +203,20 @@ def evaluate(params: Params, paths: Paths) -> dict:
         weights = file_md5(paths.model_file)
         model_uri = log_model(model, test.x, probs, weights)
     summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
-               "robust_accuracy": robust["robust_accuracy"], "finite_outputs": result.finite,
+               "robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
+               "finite_outputs": result.finite,
                **fb_metrics,
                "robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items()
                               if k != "robust_accuracy"},
+               "foreign": {k.removeprefix("foreign_"): round(v, 4) for k, v in foreign.items()
+                           if k != "foreign_accuracy"} | {"families": families},
                "per_class": {k: round(v, 4) for k, v in metrics.items()
                              if k.startswith(("precision_", "recall_", "f1_"))}}
     paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     evaluated = ({"model": MODEL_NAME, "run_id": run_id, "model_uri": model_uri, "weights_md5": weights,
-                  "version_tags": tags} | asdict(result) | {"robust_accuracy": robust["robust_accuracy"]})
+                  "version_tags": tags} | asdict(result)
+                 | {"robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
+                    "foreign_worst_class": foreign["foreign_worst_class"]})
     paths.evaluated.write_text(json.dumps(evaluated, indent=2) + "\n")
     return evaluated
 
@@ -206,4 +225,5 @@ def stage(params: Params, paths: Paths) -> str:
     """The DVC `evaluate` stage."""
     r = evaluate(params, paths)
     return (f"evaluate: test accuracy {r['accuracy']:.4f}, robust accuracy {r['robust_accuracy']:.4f}, "
+            f"foreign accuracy {r['foreign_accuracy']:.4f} (worst class {r['foreign_worst_class']:.4f}), "
             f"model logged to run {r['run_id']}")

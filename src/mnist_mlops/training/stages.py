@@ -17,6 +17,7 @@ from mnist_mlops.platform.tracking import quiet_env
 STAGES = {
     "prepare": "mnist_mlops.training.prepare",
     "robustness": "mnist_mlops.training.robustness",
+    "foreign": "mnist_mlops.training.foreign",
     "train": "mnist_mlops.training.train",
     "evaluate": "mnist_mlops.training.evaluate",
 }

@@ -7,9 +7,10 @@ Design (one implementation of each step, DVC and the registry kept consistent):
    `train` stage uses, as a nested child run (MNIST_MLOPS_PARENT_RUN_ID), writing its model
    and curves into its own work dir. Children see only train/val data: no test metric
    exists before the choice, so the choice cannot use it.
-3. The best child by its selection score, the mean of final val accuracy and robust-val
-   accuracy (the val split through the robustness slice's corruptions), then lower val
-   loss, then grid order, wins: its
+3. The best child by its selection score, the mean of final val accuracy, robust-val
+   accuracy (the val split through the robustness slice's corruptions) and foreign-val
+   accuracy (digits of the foreign slice's val families), then lower val loss, then grid
+   order, wins: its
    params are written into params.yaml, its outputs moved to where the `train` stage puts
    them, and `dvc commit train` records them in dvc.lock (training is deterministic, so
    they are what `dvc repro` would produce; nothing is trained twice).
@@ -56,11 +57,12 @@ class Candidate:
     val_loss: float
     workdir: str
     robust_val_accuracy: float = 0.0
+    foreign_val_accuracy: float = 0.0
 
     @property
     def score(self) -> float:
-        """What the sweep maximises: clean and robust accuracy on validation data, alike."""
-        return (self.val_accuracy + self.robust_val_accuracy) / 2
+        """What the sweep maximises: clean, robust and foreign accuracy on validation data, alike."""
+        return (self.val_accuracy + self.robust_val_accuracy + self.foreign_val_accuracy) / 3
 
     @property
     def label(self) -> str:
@@ -146,6 +148,7 @@ def record_candidate(root: Path, parent_run_id: str, cand: Candidate) -> None:
     client = mlflow.MlflowClient()
     client.log_metric(parent_run_id, "candidate_val_accuracy", cand.val_accuracy, step=cand.index)
     client.log_metric(parent_run_id, "candidate_robust_val_accuracy", cand.robust_val_accuracy, step=cand.index)
+    client.log_metric(parent_run_id, "candidate_foreign_val_accuracy", cand.foreign_val_accuracy, step=cand.index)
     client.log_metric(parent_run_id, "candidate_score", cand.score, step=cand.index)
     client.set_tag(cand.run_id, "sweep.combination", cand.label)
 
@@ -160,6 +163,7 @@ def finish_parent(root: Path, parent_run_id: str, best: Candidate | None, ok: bo
     if best is not None:
         client.log_metric(parent_run_id, "best_val_accuracy", best.val_accuracy)
         client.log_metric(parent_run_id, "best_robust_val_accuracy", best.robust_val_accuracy)
+        client.log_metric(parent_run_id, "best_foreign_val_accuracy", best.foreign_val_accuracy)
         client.set_tag(parent_run_id, "sweep.best_run_id", best.run_id)
         client.set_tag(parent_run_id, "sweep.best", best.label)
     client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")
@@ -243,7 +247,8 @@ def train_candidate(root: Path, index: int, overrides: list[str], parent_run_id:
     result = json.loads((workdir / RESULT_FILE).read_text())
     return Candidate(index=index, overrides=overrides, run_id=result["run_id"],
                      val_accuracy=result["val_accuracy"], val_loss=result["val_loss"], workdir=str(workdir),
-                     robust_val_accuracy=result["robust_val_accuracy"])
+                     robust_val_accuracy=result["robust_val_accuracy"],
+                     foreign_val_accuracy=result["foreign_val_accuracy"])
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -298,7 +303,7 @@ def prepared_md5s(root: Path) -> dict[str, str]:
 
     lock = root / "dvc.lock"
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
-    return {out["path"]: out.get("md5", "") for name in ("prepare", "robustness")
+    return {out["path"]: out.get("md5", "") for name in ("prepare", "robustness", "foreign")
             for out in stages.get(name, {}).get("outs", [])}
 
 
@@ -316,7 +321,7 @@ def check_checkout(root: Path, params: dict, prepared: dict[str, str]) -> None:
         mine = ours.get(path) or "none"
         if mine != md5:
             raise UserError(f"this worker's checkout {root} has other {path} than the sweep ({mine} vs {md5}): "
-                            "update it (git pull, dvc pull, dvc repro robustness)")
+                            "update it (git pull, dvc pull, dvc repro robustness foreign)")
 
 
 def child_run(root: Path, parent_run_id: str, flow_run_id: str):
@@ -342,7 +347,8 @@ def candidate_from_run(run, index: int, overrides: list[str]) -> Candidate:
     return Candidate(index=index, overrides=overrides, run_id=run.info.run_id,
                      val_accuracy=acc if math.isfinite(acc) else 0.0,
                      val_loss=loss if math.isfinite(loss) else math.inf, workdir="",
-                     robust_val_accuracy=metrics.get("robust_val_accuracy", 0.0))
+                     robust_val_accuracy=metrics.get("robust_val_accuracy", 0.0),
+                     foreign_val_accuracy=metrics.get("foreign_val_accuracy", 0.0))
 
 
 def fetch_outputs(root: Path, run_id: str, workdir: Path) -> Path:
@@ -366,7 +372,7 @@ def fetch_outputs(root: Path, run_id: str, workdir: Path) -> Path:
 
 
 def best(candidates: list[Candidate]) -> Candidate:
-    """Highest score (clean + robust val accuracy); ties: lower val loss, then grid order.
+    """Highest score (clean + robust + foreign val accuracy); ties: lower val loss, then grid order.
     Never test data."""
     if not candidates:
         raise UserError("the sweep trained no candidate")
@@ -474,17 +480,22 @@ def upload_outputs(paths: Paths, run_id: str) -> None:
     client.log_artifact(run_id, str(paths.train_run), OUTPUTS)
 
 
-def robust_val_accuracy(paths: Paths, run_id: str) -> float:
-    """The candidate's accuracy on the robust-val slice, logged to its run as `robust_val_accuracy`."""
+def val_slices_accuracy(paths: Paths, run_id: str) -> tuple[float, float]:
+    """The candidate's accuracy on the robust-val slice and on the foreign val families' digits,
+    logged to its run as `robust_val_accuracy` and `foreign_val_accuracy`."""
     import mlflow
 
     from mnist_mlops.scoring import load_keras, probabilities
+    from mnist_mlops.training.foreign import load
     from mnist_mlops.training.robustness import load_slice
 
-    robust = load_slice(paths, "robust_val")
-    acc = float((probabilities(load_keras(paths.model_file), robust.x).argmax(axis=1) == robust.y).mean())
-    mlflow.MlflowClient().log_metric(run_id, "robust_val_accuracy", acc)
-    return acc
+    model = load_keras(paths.model_file)
+    robust, foreign = load_slice(paths, "robust_val"), load(paths, "val")
+    accs = tuple(float((probabilities(model, s.x).argmax(axis=1) == s.y).mean()) for s in (robust, foreign))
+    client = mlflow.MlflowClient()
+    client.log_metric(run_id, "robust_val_accuracy", accs[0])
+    client.log_metric(run_id, "foreign_val_accuracy", accs[1])
+    return accs
 
 
 def child_main(argv: list[str] | None = None) -> None:
@@ -509,17 +520,17 @@ def child_main(argv: list[str] | None = None) -> None:
         paths = candidate_paths(root, args.out.resolve())
         run_id = train(params, paths, tags=placement())
         acc, loss = final_val(paths.history)
-        robust = robust_val_accuracy(paths, run_id)
+        robust, alien = val_slices_accuracy(paths, run_id)
         if args.upload:
             upload_outputs(paths, run_id)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     result = {"run_id": run_id, "val_accuracy": acc, "val_loss": loss, "robust_val_accuracy": robust,
-              "overrides": args.overrides}
+              "foreign_val_accuracy": alien, "overrides": args.overrides}
     (args.out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"candidate {' '.join(args.overrides)}: val accuracy {acc:.4f}, robust val accuracy {robust:.4f} "
-          f"(MLflow run {run_id})")
+    print(f"candidate {' '.join(args.overrides)}: val accuracy {acc:.4f}, robust val accuracy {robust:.4f}, "
+          f"foreign val accuracy {alien:.4f} (MLflow run {run_id})")
 
 
 if __name__ == "__main__":

@@ -40,17 +40,30 @@ def pick_strategy():
     return tf.distribute.get_strategy()
 
 
+def _shuffled(x: np.ndarray, y: np.ndarray, seed: int | None):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).cache()
+    return ds if seed is None else ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+
 def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None,
-            augment: AugmentParams | None = None):
+            augment: AugmentParams | None = None, mix: tuple[np.ndarray, np.ndarray, float] | None = None):
     """In-memory tf.data: cached, shuffled per epoch with a fixed seed, batched, each batch
-    distorted afresh every epoch when `augment` is given (training only), prefetched."""
+    distorted afresh every epoch when `augment` is given (training only), prefetched.
+
+    `mix` (x, y, share): each example is drawn from those digits with probability `share`
+    (seeded), else from (x, y); an epoch stays len(x) examples long, so mixing costs no time."""
     import tensorflow as tf
 
     from mnist_mlops.training.augment import augmented
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).cache()
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = _shuffled(x, y, shuffle_seed)
+    if mix is not None and mix[2] > 0 and len(mix[1]):
+        seed = shuffle_seed or 0
+        other = _shuffled(mix[0], mix[1], seed + 1).repeat()
+        ds = tf.data.Dataset.sample_from_datasets([ds.repeat(), other], weights=[1 - mix[2], mix[2]], seed=seed,
+                                                  rerandomize_each_iteration=True).take(len(x))
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = augmented(ds, augment, seed=shuffle_seed or 0)
@@ -121,6 +134,21 @@ def save_atomic(model, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def foreign_digits(params: Params, paths: Paths) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The training families' printed and stroke-drawn digits (the `foreign` stage's), normalised,
+    with the share of each batch they make up; None when `foreign.train_share` is 0."""
+    from mnist_mlops.errors import UserError
+    from mnist_mlops.preprocess import normalize
+
+    if not params.foreign.train_share:
+        return None
+    try:
+        x, y = np.load(paths.foreign / "train_x.npy"), np.load(paths.foreign / "train_y.npy")
+    except FileNotFoundError:
+        raise UserError(f"no foreign training digits in {paths.foreign}: run `dvc repro foreign`") from None
+    return normalize(x), y, params.foreign.train_share
+
+
 def fit(params: Params, paths: Paths, callbacks: list | None = None):
     """Build and fit the ConvNet on the prepared splits; returns (model, history rows)."""
     from mnist_mlops.training.model import build_model
@@ -133,7 +161,8 @@ def fit(params: Params, paths: Paths, callbacks: list | None = None):
         compile_model(model, params, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
     rows: list[dict] = []
     model.fit(
-        dataset(train.x, train.y, batch, shuffle_seed=params.train.seed, augment=params.augment),
+        dataset(train.x, train.y, batch, shuffle_seed=params.train.seed, augment=params.augment,
+                mix=foreign_digits(params, paths)),
         validation_data=dataset(val.x, val.y, batch, shuffle_seed=None),
         epochs=params.train.epochs,
         callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
