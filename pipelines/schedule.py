@@ -11,6 +11,7 @@ deployment for a work pool.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 
 from mnist_mlops.errors import UserError
@@ -61,6 +62,10 @@ def serve_training(root: str, *, cron: str | None = None, interval: float | None
         deployments.append(monitor_flow.to_deployment(
             name=name, interval=monitor_every, tags=["mnist-mlops", "monitor"],
             parameters={"root": root, "training_deployment": f"{training_flow.name}/{name}"}))
+    # Serving, Ctrl-C takes Python's own path again: asyncio.run then cancels the runner's task
+    # (instead of an interrupt raised at any point of the loop), and the runner pauses the
+    # schedules on its way out. Until here, `handle_stop_signals` stops the command at once.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     serve(*deployments,
           limit=1,  # one run at a time from this runner; late runs start when it is free
           pause_on_shutdown=True, print_starting_message=False)

@@ -134,15 +134,17 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     mlflow.set_experiment("determinism")  # fit() logs per-epoch metrics
     from mnist_mlops.config import Paths, validate
     from mnist_mlops.scoring import probabilities, score
+    from mnist_mlops.training import foreign
     from mnist_mlops.training.data import fetch
     from mnist_mlops.training.prepare import load_split, prepare
 
     params = validate({"model": {"filters": [8], "convs_per_block": 1, "dense_units": 16},
-                       "train": {"epochs": 1}})
-    assert params.augment.enabled
+                       "train": {"epochs": 1}, "foreign": {"digits": 20, "train_digits": 20}})
+    assert params.augment.enabled and params.foreign.train_share > 0  # the foreign mix is seeded too
     paths = Paths(tmp_path)
     fetch(params.data, paths.data, tmp_path / "cache")
     prepare(paths, params)
+    foreign.stage(params, paths)
     test = load_split(paths.prepared, "test")
     from mnist_mlops.training.train import fit
 

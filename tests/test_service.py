@@ -368,7 +368,7 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
     by_endpoint = {re.search(r"127\.0\.0\.1:3000/(\w+)", c).group(1): out
                    for c, out in outputs.items() if c.startswith("curl")}
     assert json.loads(by_endpoint["predict"])[0]["digit"] in range(10)
-    assert json.loads(by_endpoint["predict"])[0]["blank"] is True  # the README's digit.json is all zeros
+    assert json.loads(by_endpoint["predict"])[0]["blank"] is False  # the README's digit.json is a drawn 1
     assert json.loads(by_endpoint["feedback"])["stored"] == 1
     assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
     assert json.loads(by_endpoint["model"])["model_version"] == "1"

@@ -6,6 +6,7 @@ its own candidate, and a sweep left with no finished candidate fails in one line
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -140,7 +141,7 @@ def test_a_winner_the_gate_refuses_leaves_params_and_lock_as_they_were(trained_p
     copy = copy_project(trained_project, tmp_path / "copy")
     copy.env["COLUMNS"] = "250"  # the summary's rows unwrapped
     before = {name: (copy.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
-    registered = (copy.root / "artifacts" / "registered.json").read_bytes()
+    evaluated = (copy.root / "artifacts" / "evaluated.json").read_bytes()  # the evaluate stage's output
     proc = copy.cli("sweep", "--grid", "train.learning_rate=0.9", "--no-package")
     out = proc.stdout + proc.stderr
     client = copy.mlflow_client()
@@ -148,7 +149,8 @@ def test_a_winner_the_gate_refuses_leaves_params_and_lock_as_they_were(trained_p
     assert refused.tags["gate.decision"] == "rejected", refused.tags
     assert str(client.get_model_version_by_alias("mnist-convnet", "champion").version) == "1"
     assert {name: (copy.root / name).read_bytes() for name in before} == before
-    assert (copy.root / "artifacts" / "registered.json").read_bytes() == registered
+    assert (copy.root / "artifacts" / "evaluated.json").read_bytes() == evaluated
+    assert json.loads((copy.root / "artifacts" / "registered.json").read_text())["version"] == "2"  # what promote did
     assert "up to date" in copy.run("dvc", "status").stdout
     assert re.search(r"params\.yaml\s*│\s*unchanged: the winner's model did not pass the gate", out), out[-3000:]
     assert not list((copy.root / "artifacts").glob(".sweep-*"))
