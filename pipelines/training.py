@@ -135,7 +135,7 @@ def promote(root: str, min_accuracy: float) -> dict:
                   **{k: evaluated.get(k) for k in ("accuracy", "robust_accuracy", "foreign_accuracy",
                                                    "foreign_worst_class")}}
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
-    result = {**registered, "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
+    result = {**registered, "promoted": decision.promoted, "reason": decision.reason,
               "changed": decision.changed, "earlier": decision.earlier, "champion": registry.champion_version()}
     get_run_logger().info("version %s: promoted %s: %s", decision.version, promoted_row(result), decision.reason)
     return result

@@ -113,9 +113,9 @@ class Screened:
     blank: int = 0  # no ink: no digit to learn
     capped: int = 0  # over data.max_class_imbalance: the newest labels of an over-full class wait
 
-    def counts(self) -> dict[str, int]:
-        return {"accepted": len(self.examples), "leaks_blocked": self.leaks_blocked, "blank": self.blank,
-                "capped": self.capped}
+    def held_back(self) -> dict[str, int]:
+        """The counts of what was kept out of the data, by `HELD_BACK` key."""
+        return {"leaks_blocked": self.leaks_blocked, "blank": self.blank, "capped": self.capped}
 
 
 # The summary's words for each count of `Screened`.

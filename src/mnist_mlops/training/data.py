@@ -314,7 +314,7 @@ def fetch(params: DataParams, data_dir: Path, cache: Path, feedback: FeedbackRow
         digits = validate(digits, params.max_class_imbalance)
     changed = write_data(digits, data_dir, meta)
     return FetchResult(data_dir, changed, len(digits.labels), origin, meta["count"] if meta else 0, kept,
-                       {k: v for k, v in screened.counts().items() if k != "accepted"} if screened else {})
+                       screened.held_back() if screened else {})
 
 
 def npz_bytes(digits: Digits) -> bytes:
