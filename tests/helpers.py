@@ -27,8 +27,8 @@ from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
            "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
-           "Server", "copy_project", "free_port", "make_project", "postgres_cluster", "serving", "start_server",
-           "stop_group"]
+           "Server", "copy_project", "free_port", "log_keras", "make_project", "postgres_cluster", "serving",
+           "start_server", "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -138,6 +138,18 @@ def copy_project(project: Project, dest: Path) -> Project:
     """
     shutil.copytree(project.root, dest, symlinks=True)
     return Project(dest, {**project.env, **_store_env(dest)})
+
+
+def log_keras(model, **kwargs):
+    """`mlflow.keras.log_model` to the active run with the requirements stated, as the evaluate
+    stage logs: left to infer them, MLflow loads the model again in a fresh subprocess that
+    imports TensorFlow, ~7 s a model on 2 cores, and the gate tests log dozens."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
+    return mlflow.keras.log_model(model, name="model", pip_requirements=requirements, **kwargs)
 
 
 # --------------------------------------------------------------------------- servers

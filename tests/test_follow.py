@@ -23,7 +23,7 @@ from mnist_mlops.monitoring.check import run_check
 from mnist_mlops.monitoring.reference import Reference
 from mnist_mlops.prediction_log import FLUSH_SECONDS, to_uint8
 
-from helpers import Project, Server, copy_project, serving
+from helpers import Project, Server, copy_project, log_keras, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 FOLLOW_SECONDS = 1
@@ -146,7 +146,7 @@ def register_untrained(project: Project) -> str:
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(10, activation="softmax")])
     with mlflow.start_run():
-        info = mlflow.keras.log_model(model, name="model", registered_model_name=MODEL_NAME)
+        info = log_keras(model, registered_model_name=MODEL_NAME)
     return str(info.registered_model_version)
 
 

@@ -16,7 +16,10 @@ from mnist_mlops import registry
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 from mnist_mlops.errors import UserError
 
-pytestmark = pytest.mark.timeout(300)
+from helpers import log_keras
+
+# slow: it trains (small softmax models, seconds each) and logs and loads real MLflow models
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def register(model) -> str:
     import mlflow
 
     with mlflow.start_run():
-        info = mlflow.keras.log_model(model, name="model", registered_model_name=MODEL_NAME)
+        info = log_keras(model, registered_model_name=MODEL_NAME)
     return str(info.registered_model_version)
 
 
@@ -268,7 +271,7 @@ def test_a_trained_model_is_registered_once(store) -> None:
 
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
     with mlflow.start_run() as run:
-        uri = mlflow.keras.log_model(model, name="model").model_uri
+        uri = log_keras(model).model_uri
     first = registry.register(run.info.run_id, uri, "md5-a", {"test_accuracy": "0.9"})
     assert registry.register(run.info.run_id, uri, "md5-a", {"test_accuracy": "0.9"}) == first
     assert len(store.search_model_versions(f"name='{MODEL_NAME}'")) == 1

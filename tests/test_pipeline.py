@@ -16,7 +16,7 @@ from mnist_mlops.training.robustness import NAMES
 
 from helpers import Project, copy_project
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 FIGURES = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png", "robustness.png"}
 

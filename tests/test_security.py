@@ -22,7 +22,7 @@ import pytest
 
 from mnist_mlops.platform.processes import start_group, stop_group
 
-from helpers import BIN, LOOPBACK, REPO, Project, Server, free_port, start_server
+from helpers import BIN, LOOPBACK, REPO, Project, Server, free_port, log_keras, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -266,7 +266,7 @@ def test_registry_rescoring_refuses_a_model_with_code(tmp_path: Path, monkeypatc
     try:
         mlflow.set_experiment("security")
         with mlflow.start_run():
-            info = mlflow.keras.log_model(_lambda_model(), name="model", registered_model_name=MODEL_NAME)
+            info = log_keras(_lambda_model(), registered_model_name=MODEL_NAME)
         x = np.zeros((4, 28, 28, 1), np.float32)
         with pytest.raises(Exception, match="safe_mode"):
             registry.rescore(str(info.registered_model_version), x, np.zeros(4, np.int64))
