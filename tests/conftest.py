@@ -77,9 +77,19 @@ def _isolate_mlflow_globals() -> Iterator[None]:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
-    """A fresh, untrained project with fast params (one epoch)."""
-    return make_project(tmp_path / "project", FAST_PARAMS)
+def project(request: pytest.FixtureRequest, tmp_path: Path) -> Project:
+    """A fresh, untrained project with fast params (one epoch).
+
+    In a `slow` test its flows report to the suite's shared Prefect server (`PREFECT_API_URL`,
+    as on a team's machine), so its commands start no Prefect server of their own: a server
+    started on a fresh project's database migrates it first, ~20 CPU-seconds of a 2-core
+    machine per project (measured), for what `trained_project` and the `own_prefect` tests
+    already cover. A test about the server a command starts itself is marked `own_prefect`.
+    """
+    proj = make_project(tmp_path / "project", FAST_PARAMS)
+    if request.node.get_closest_marker("slow") and not request.node.get_closest_marker("own_prefect"):
+        proj.env["PREFECT_API_URL"] = request.getfixturevalue("prefect_server")
+    return proj
 
 
 @pytest.fixture(scope="session")

@@ -130,14 +130,19 @@ def make_project(dest: Path, params: list[str] | None = None) -> Project:
     return project
 
 
-def copy_project(project: Project, dest: Path) -> Project:
+def copy_project(project: Project, dest: Path, prefect_api: str | None = None) -> Project:
     """A private copy of a (trained) project with its own stores: to change without sharing.
 
     Its MLflow runs keep their artifact URIs, i.e. they still point into the original's
     artifact store; that store is only read (model loads), never written, by a copy.
+    `prefect_api`: the copy's flows report to that Prefect server (the suite's shared one)
+    instead of one its commands start (see the `project` fixture).
     """
     shutil.copytree(project.root, dest, symlinks=True)
-    return Project(dest, {**project.env, **_store_env(dest)})
+    env = {**project.env, **_store_env(dest)}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    return Project(dest, env)
 
 
 def log_keras(model, **kwargs):

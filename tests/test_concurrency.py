@@ -17,7 +17,7 @@ from pipelines.training import SKIPPED
 
 from helpers import BIN, SMALL_MODEL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_prefect]
 
 AS_A_DEPLOYMENT = ("import sys; from pipelines.training import training_flow; "
                    "print(training_flow(root=sys.argv[1], package_bento=False))")

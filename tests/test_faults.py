@@ -86,10 +86,11 @@ def flip_byte(path: Path, offset: int = -100) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Project, tmp_path: Path) -> None:
+def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Project, prefect_server: str,
+                                                            tmp_path: Path) -> None:
     import psutil
 
-    copy = copy_project(trained_project, tmp_path / "copy")
+    copy = copy_project(trained_project, tmp_path / "copy", prefect_server)
     before = state(copy)
     assert before["champion"] == "1" and before["bentos"], before
     runs_before = {r.info.run_id for r in runs(copy)}
@@ -233,9 +234,9 @@ def test_verify_detects_a_flipped_byte_in_data(project: Project) -> None:
 
 @pytest.mark.timeout(600)
 def test_flow_reports_hand_edited_data_and_keeps_the_champion_over_a_below_floor_model(
-        trained_project: Project, tmp_path: Path) -> None:
+        trained_project: Project, prefect_server: str, tmp_path: Path) -> None:
     """One flow run, two faults: a flipped byte in data/, and a new version below the floor."""
-    copy = copy_project(trained_project, tmp_path / "copy")
+    copy = copy_project(trained_project, tmp_path / "copy", prefect_server)
     before = state(copy)
     flip_byte(copy.root / "data" / "labels.npy")  # one label changed by hand
     assert tree_digest(copy.root / "data") != before["data"]

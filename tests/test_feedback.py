@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
-def project(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
-    return copy_project(trained_project, tmp_path_factory.mktemp("feedback") / "project")
+def project(trained_project: Project, prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return copy_project(trained_project, tmp_path_factory.mktemp("feedback") / "project", prefect_server)
 
 
 @pytest.fixture(scope="module")

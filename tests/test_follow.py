@@ -31,9 +31,9 @@ DIGIT = np.zeros((28, 28), np.uint8).tolist()
 
 
 @pytest.fixture(scope="module")
-def two_versions(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
+def two_versions(trained_project: Project, prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Project:
     """The session's project (v1) copied, plus v2 trained with another seed; v1 is champion."""
-    copy = copy_project(trained_project, tmp_path_factory.mktemp("follow") / "project")
+    copy = copy_project(trained_project, tmp_path_factory.mktemp("follow") / "project", prefect_server)
     copy.cli("run", "--no-package", "--set", "train.seed=7")
     client = copy.mlflow_client()
     assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'")) == [1, 2]

@@ -89,8 +89,10 @@ def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> 
     assert not re.search(r"(src|href)=\S*https?:", html) and "<script" not in html, html[:2000]
 
 
-def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, tmp_path: Path) -> None:
-    copy = copy_project(trained_project, tmp_path / "copy")  # a rerun that did train must not touch the shared one
+def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, prefect_server: str,
+                                                   tmp_path: Path) -> None:
+    # a copy: a rerun that did train must not touch the shared one
+    copy = copy_project(trained_project, tmp_path / "copy", prefect_server)
     client = copy.mlflow_client()
     runs_before = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
     proc = copy.cli("run")
@@ -101,8 +103,9 @@ def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, tmp
     assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == runs_before
 
 
-def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project, tmp_path: Path) -> None:
-    copy = copy_project(trained_project, tmp_path / "copy")
+def test_changing_epochs_reruns_only_train_and_evaluate(trained_project: Project, prefect_server: str,
+                                                        tmp_path: Path) -> None:
+    copy = copy_project(trained_project, tmp_path / "copy", prefect_server)
     proc = copy.cli("run", "--no-package", "--set", "train.epochs=2")
     out = proc.stdout + proc.stderr
     assert "params.yaml updated: train.epochs=2" in out

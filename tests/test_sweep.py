@@ -134,11 +134,11 @@ def test_sweep_two_by_one(project):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_winner_the_gate_refuses_leaves_params_and_lock_as_they_were(trained_project, tmp_path):
+def test_a_winner_the_gate_refuses_leaves_params_and_lock_as_they_were(trained_project, prefect_server, tmp_path):
     """The sweep's best can still fail the gate (here a learning rate that diverges): its params
     must not become the project's, or the next `run` would train that losing recipe. params.yaml,
     dvc.lock and the stage outputs stay as they were, `dvc status` clean; the summary says so."""
-    copy = copy_project(trained_project, tmp_path / "copy")
+    copy = copy_project(trained_project, tmp_path / "copy", prefect_server)
     copy.env["COLUMNS"] = "250"  # the summary's rows unwrapped
     before = {name: (copy.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
     evaluated = (copy.root / "artifacts" / "evaluated.json").read_bytes()  # the evaluate stage's output
