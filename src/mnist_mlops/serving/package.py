@@ -133,8 +133,9 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
     `metrics_dir`, this serve's own (see serving/launch.py). Returns (cmd, env, Bento tag)."""
     import sys
 
-    from mnist_mlops import feedback, prediction_log, registry
+    from mnist_mlops import registry
     from mnist_mlops.config import Paths, tracking_uri
+    from mnist_mlops.records import feedback, prediction_log
     from mnist_mlops.serving.follow import FOLLOW_ENV, FOLLOW_SECONDS_ENV, MIN_ACCURACY_ENV, PIN_ENV
 
     root = Path(root).resolve()

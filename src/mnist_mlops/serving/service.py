@@ -19,7 +19,7 @@ The body size limit (413) and the optional API key (401) are an ASGI middleware 
 everything.
 
 Every prediction carries a `prediction_id` (and, for a single one, the `X-Prediction-Id`
-header) and is recorded in the prediction log (mnist_mlops.prediction_log), off the request
+header) and is recorded in the prediction log (mnist_mlops.records.prediction_log), off the request
 path; `serve.log_predictions: false` turns that off.
 
 Modes: `mnist-mlops serve` *follows* the registry's champion alias by default and swaps
@@ -48,10 +48,10 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from mnist_mlops import feedback, prediction_log
 from mnist_mlops.config import MODEL_NAME, ServeParams
 from mnist_mlops.digit_features import has_ink
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
+from mnist_mlops.records import feedback, prediction_log
 from mnist_mlops.scoring import load_keras
 from mnist_mlops.serving.follow import (
     FOLLOW_ENV,

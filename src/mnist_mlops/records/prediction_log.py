@@ -3,7 +3,7 @@
 Written by the service (`PredictionLog`: off the request path, a buffer that a background
 thread appends to this worker's own shards every `FLUSH_SECONDS`); read by the feedback
 endpoint (`find`), the feedback store and the monitor (`read_window`). The format is
-`mnist_mlops.shards`: a SIGKILL loses at most the last flush interval and never corrupts what
+`mnist_mlops.records.shards`: a SIGKILL loses at most the last flush interval and never corrupts what
 was written before.
 
 Each record: `prediction_id`, `time` (UTC, ISO 8601), `model_version`, `endpoint`, `digit`,
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops import shards
 from mnist_mlops.config import PREDICTION_LOG_ENV
 from mnist_mlops.digit_features import feature_records
+from mnist_mlops.records import shards
 
 PREFIX = "predictions"
 FLUSH_SECONDS = 0.5
@@ -34,7 +34,7 @@ FLUSH_SECONDS = 0.5
 DIR_ENV = PREDICTION_LOG_ENV
 ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"
 MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"
-logger = logging.getLogger("mnist_mlops.prediction_log")
+logger = logging.getLogger("mnist_mlops.records.prediction_log")
 
 
 def new_ids(n: int) -> list[str]:
