@@ -50,6 +50,7 @@ from pydantic_core import PydanticCustomError
 
 from mnist_mlops.config import MODEL_NAME, ServeParams
 from mnist_mlops.digit_features import has_ink
+from mnist_mlops.platform.devices import configure_tensorflow, gpu_count
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
 from mnist_mlops.records import feedback, prediction_log
 from mnist_mlops.scoring import load_keras
@@ -89,23 +90,6 @@ class ServeArgs(ServeParams):
 
 
 ARGS = bentoml.use_arguments(ServeArgs)
-
-
-def gpu_count() -> int:
-    """NVIDIA GPUs visible to this machine, without importing TensorFlow (0 on failure).
-
-    NVML (nvidia-ml-py, a BentoML dependency) is what BentoML itself asks; no driver → 0.
-    """
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML library or driver: no GPU
-        return 0
 
 
 GPUS = gpu_count()
@@ -615,22 +599,6 @@ class MnistClassifier:
         except ImageError as exc:
             return error_response(400, "invalid_image", str(exc), "image")
         return Prediction(**self.predictions(x, "predict_image")[0])
-
-
-def configure_tensorflow() -> str:
-    """GPU: this worker's own GPU with memory growth on. CPU: as is. Returns the device used."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "cpu"
-    index = ((bentoml.server_context.worker_index or 1) - 1) % len(gpus)
-    try:
-        tf.config.set_visible_devices(gpus[index], "GPU")
-        tf.config.experimental.set_memory_growth(gpus[index], True)
-    except RuntimeError as exc:  # already initialised (e.g. in-process tests): keep going
-        logger.warning("GPU configuration skipped: %s", exc)
-    return f"gpu:{index}"
 
 
 MnistClassifier.add_asgi_middleware(Guard)
