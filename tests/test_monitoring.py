@@ -70,7 +70,7 @@ def test_blank_digits_have_no_ink_and_every_real_one_has(sample) -> None:
 
     from mnist_mlops.digit_features import MIN_INK_PIXELS, has_ink
     from mnist_mlops.imaging import image_to_input
-    from mnist_mlops.records.prediction_log import to_uint8
+    from mnist_mlops.preprocess import to_uint8
 
     images, _ = sample
     assert has_ink(images).all() and has_ink(images).shape == (len(images),)

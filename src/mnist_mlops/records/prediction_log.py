@@ -23,17 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops.config import PREDICTION_LOG_ENV
 from mnist_mlops.digit_features import feature_records
+from mnist_mlops.preprocess import to_uint8
 from mnist_mlops.records import shards
 
 PREFIX = "predictions"
 FLUSH_SECONDS = 0.5
-# The service's settings (`mnist-mlops serve` sets them from params.yaml; a bare Bento uses
-# the build arguments and ./logs/predictions).
-DIR_ENV = PREDICTION_LOG_ENV
-ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"
-MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"
 logger = logging.getLogger("mnist_mlops.records.prediction_log")
 
 
@@ -48,11 +43,6 @@ def id_time(prediction_id: str) -> float | None:
     if len(prediction_id) != 28 or not all(c in "0123456789abcdef" for c in prediction_id):
         return None
     return int(prediction_id[:12], 16) / 1000
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """The model's float input in [0, 1] back to the 28×28 uint8 pixels it came from."""
-    return np.clip(np.rint(np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0), 0, 255).astype(np.uint8)
 
 
 def now_iso() -> str:
