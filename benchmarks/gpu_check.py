@@ -8,7 +8,7 @@
    for the devices present, the per-epoch MLflow callback into a temp sqlite store) on the
    offline sample, with params.yaml's defaults.
 3. Runs batched inference through the path the BentoML service compiles
-   (`mnist_mlops.serving.service.MnistClassifier`: `configure_tensorflow()`, then one
+   (`mnist_mlops.serving.service.MnistClassifier`: `platform.devices.configure_tensorflow()`, then one
    `tf.function` with input signature [None, 28, 28, 1] around `model(x, training=False)`).
 4. Prints images/s for both, and where the work ran: the device of the model's variables
    and of the output tensor, and the GPU memory TensorFlow allocated (must be > 0).
@@ -85,7 +85,7 @@ def main() -> int:
         from mnist_mlops.preprocess import INPUT_SHAPE
 
         try:
-            from mnist_mlops.serving.service import configure_tensorflow
+            from mnist_mlops.platform.devices import configure_tensorflow
 
             device = configure_tensorflow()
         except Exception as exc:  # noqa: BLE001 - service module needs a model tag at import

@@ -37,7 +37,7 @@ BATCH = 1000
 
 def write_log(directory: Path, n: int) -> float:
     """n predictions in the service's format; returns the seconds it took."""
-    from mnist_mlops.prediction_log import PredictionLog, new_ids
+    from mnist_mlops.records.prediction_log import PredictionLog, new_ids
     from mnist_mlops.training.data import load_sample
 
     digits = load_sample()

@@ -33,8 +33,8 @@ from _common import met, print_table  # noqa: E402
 
 
 def build_log(directory: Path, n: int) -> None:
-    from mnist_mlops import prediction_log
     from mnist_mlops.config import ServeParams
+    from mnist_mlops.records import prediction_log
 
     log = prediction_log.PredictionLog(directory, ServeParams().log_max_mb, flush_seconds=3600)
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def build_log(directory: Path, n: int) -> None:
 
 def old_find(directory: Path, ids: set[str]) -> dict:
     """The lookup before: every shard's records searched for every id (bytes), then parsed."""
-    from mnist_mlops import prediction_log, shards
+    from mnist_mlops.records import prediction_log, shards
 
     needles = [i.encode() for i in ids]
     stems = [s for s in shards.shard_stems(directory, prediction_log.PREFIX)
@@ -59,7 +59,7 @@ def old_find(directory: Path, ids: set[str]) -> dict:
 
 
 def lookups(n: int, k: int) -> list[list[str]]:
-    from mnist_mlops import prediction_log
+    from mnist_mlops.records import prediction_log
 
     with tempfile.TemporaryDirectory() as tmp:
         build_log(Path(tmp), n)

@@ -300,7 +300,7 @@ def main() -> None:
               f"{check(a['rps'] >= 0.9 * n['rps'] and a['errors'] == 0)}")
         print(f"p99 (a)/(n), log on/off          {a['p99'] / n['p99']:>8.2f}    ≤ 1.2: "
               f"{check(a['p99'] <= 1.2 * n['p99'])}")
-        from mnist_mlops.prediction_log import read_window
+        from mnist_mlops.records.prediction_log import read_window
 
         logged = len(read_window(tmp / "predictions"))
         print(f"predictions in the log           {logged:>8}    (answered by the servers with the log on)")

@@ -18,9 +18,9 @@ from prefect.runtime import flow_run
 
 from mnist_mlops.config import Params, Paths, load_params
 from mnist_mlops.errors import UserError
-from mnist_mlops.feedback import held_back
 from mnist_mlops.platform import preload
 from mnist_mlops.platform.tracking import FLOW_RUN_ENV, TRIGGER_ENV
+from mnist_mlops.records.feedback import held_back
 
 
 class _UserErrorWithoutTraceback(logging.Filter):

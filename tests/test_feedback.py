@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import MODEL_NAME
+from mnist_mlops.records import feedback, prediction_log, shards
 
 from helpers import Project, Server, copy_project, serving
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import Paths, validate
 from mnist_mlops.digit_features import FEATURES
+from mnist_mlops.records import feedback, prediction_log, shards
 from mnist_mlops.training.data import load_sample, read_data, write_data
 from mnist_mlops.training.fetch import fetch
 from mnist_mlops.training.prepare import FEEDBACK_SPLIT, load_split, prepare
@@ -104,7 +104,7 @@ def test_two_writers_with_a_tiny_retention_limit_lose_nothing_from_a_live_shard(
 
     script = (
         "import sys, numpy as np\n"
-        "from mnist_mlops import shards\n"
+        "from mnist_mlops.records import shards\n"
         f"w = shards.ShardWriter(sys.argv[1], 't', shard_bytes=1 << 20, max_total_bytes={8 * 1024})\n"
         "for n in (0, 1):\n"
         "    w.append([{'who': 'B', 'i': n}], np.full((1, 28, 28), 200 + n, np.uint8))\n"
@@ -230,7 +230,7 @@ def labelled_folder(root: Path) -> Path:
 
 
 def test_import_folder_stores_the_good_and_lists_the_rest(tmp_path: Path) -> None:
-    from mnist_mlops.serving.labelled import import_folder
+    from mnist_mlops.records.labelled import import_folder
 
     result = import_folder(labelled_folder(tmp_path / "digits"), tmp_path / "store")
     assert result.stored == 4 and result.per_label[3] == 2 and result.per_label[7] == 2
@@ -258,7 +258,7 @@ def test_feedback_commands(project, tmp_path: Path) -> None:
 
 def test_import_of_a_folder_without_digit_folders_is_one_line(tmp_path: Path) -> None:
     from mnist_mlops.errors import UserError
-    from mnist_mlops.serving.labelled import import_folder
+    from mnist_mlops.records.labelled import import_folder
 
     with pytest.raises(UserError, match="no digit folders"):
         import_folder(tmp_path, tmp_path / "store")

@@ -21,7 +21,8 @@ from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME, Paths, load_params, w
 from mnist_mlops.digit_features import REFERENCE_ARTIFACT
 from mnist_mlops.monitoring.check import run_check
 from mnist_mlops.monitoring.reference import Reference
-from mnist_mlops.prediction_log import FLUSH_SECONDS, to_uint8
+from mnist_mlops.preprocess import to_uint8
+from mnist_mlops.records.prediction_log import FLUSH_SECONDS
 
 from helpers import Project, Server, copy_project, log_keras, serving
 

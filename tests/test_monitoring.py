@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import Params, Paths, parse_duration, validate
 from mnist_mlops.digit_features import FEATURES, feature_arrays
 from mnist_mlops.errors import UserError
@@ -19,6 +18,7 @@ from mnist_mlops.monitoring import drift, report
 from mnist_mlops.monitoring.accuracy import accuracy, by_version
 from mnist_mlops.monitoring.check import NO_TRAFFIC, read_traffic, run_check
 from mnist_mlops.monitoring.reference import Reference
+from mnist_mlops.records import feedback, prediction_log, shards
 from mnist_mlops.training.data import load_sample
 
 PARAMS = Params()
@@ -70,7 +70,7 @@ def test_blank_digits_have_no_ink_and_every_real_one_has(sample) -> None:
 
     from mnist_mlops.digit_features import MIN_INK_PIXELS, has_ink
     from mnist_mlops.imaging import image_to_input
-    from mnist_mlops.prediction_log import to_uint8
+    from mnist_mlops.preprocess import to_uint8
 
     images, _ = sample
     assert has_ink(images).all() and has_ink(images).shape == (len(images),)

@@ -168,7 +168,7 @@ def test_api_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
     """The middleware's check goes through hmac.compare_digest (a spy, the real function runs)."""
     import hmac
 
-    from mnist_mlops.serving.service import Guard
+    from mnist_mlops.serving.http import Guard
 
     calls = []
     real = hmac.compare_digest

@@ -315,7 +315,7 @@ def test_api_key_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from mnist_mlops.serving.service import Guard
+    from mnist_mlops.serving.http import Guard
 
     app = Starlette(routes=[Route(p, lambda _r: PlainTextResponse("ok"), methods=["GET", "POST"])
                             for p in ("/predict", "/readyz", "/healthz", "/metrics")])

@@ -276,7 +276,7 @@ def test_right_and_wrong_buttons_store_the_label(server: Server, browser) -> Non
     """After a prediction the page offers "Right" and ten digits; each tap is stored, the last label wins."""
     from selenium.webdriver.common.by import By
 
-    from mnist_mlops import feedback
+    from mnist_mlops.records import feedback
 
     store = server.log.parent / "feedback"  # `serving` keeps the shared project's stores untouched
     before = len(feedback.read_all(store))

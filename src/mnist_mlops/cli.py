@@ -135,7 +135,7 @@ def fetch(
 ) -> None:
     """Fetch the data source into data/ (validated, written atomically) without training."""
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.feedback import held_back
+    from mnist_mlops.records.feedback import held_back
     from mnist_mlops.training.fetch import fetch as fetch_data
 
     root = _root()
@@ -331,8 +331,8 @@ def feedback_counts(ctx: typer.Context) -> None:
     """Print the labelled digits: total, new since the current data version, per label, disagreement."""
     if ctx.invoked_subcommand is not None:
         return
-    from mnist_mlops import feedback
     from mnist_mlops.config import Paths
+    from mnist_mlops.records import feedback
     from mnist_mlops.training.data import feedback_meta
 
     paths = Paths(_root())
@@ -356,7 +356,7 @@ def feedback_import(
 ) -> None:
     """Store labelled images (DIR/<digit>/*.png|jpg), converted like the service converts uploads."""
     from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.serving.labelled import import_folder
+    from mnist_mlops.records.labelled import import_folder
 
     root = _root()
     serve = load_params(root).serve
@@ -379,8 +379,8 @@ def feedback_export(
     path: Annotated[Path, typer.Argument(help="Where to write the .npz (x: uint8 N×28×28, y: labels).")],
 ) -> None:
     """Write every labelled digit (newest label of each) to an .npz."""
-    from mnist_mlops import feedback
     from mnist_mlops.config import Paths
+    from mnist_mlops.records import feedback
 
     if path.suffix != ".npz":
         raise UserError(f"{path}: the export is an .npz file; name it FILE.npz")

@@ -305,7 +305,7 @@ class Paths:
         self.confusion = self.reports / "confusion.csv"
         self.figures = self.reports / "figures"
         self.lock = self.root / ".mnist-mlops.lock"
-        # the labelled digits (mnist_mlops.feedback) and what the service answered ($FEEDBACK_ENV,
+        # the labelled digits (mnist_mlops.records.feedback) and what the service answered ($FEEDBACK_ENV,
         # $PREDICTION_LOG_ENV when set: the service's, the fetch step's and the monitor's alike)
         self.feedback = _env_path(FEEDBACK_ENV) or self.root / "feedback"
         self.prediction_log = _env_path(PREDICTION_LOG_ENV) or self.root / "logs" / "predictions"

@@ -22,3 +22,11 @@ def normalize(images: np.ndarray) -> np.ndarray:
     if x.shape[1:] != INPUT_SHAPE:
         raise ValueError(f"expected 28×28 digits, got shape {tuple(np.asarray(images).shape)}")
     return x
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """`normalize` undone: float digits in [0, 1] (any of its shapes) → uint8 N×28×28 pixels.
+
+    Exact for what `normalize` made of integers (it divides by 255); clipped to 0–255.
+    """
+    return np.clip(np.rint(np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0), 0, 255).astype(np.uint8)

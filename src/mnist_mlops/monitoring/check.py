@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops import feedback, prediction_log, shards
 from mnist_mlops.config import Params, Paths
 from mnist_mlops.digit_features import feature_arrays
 from mnist_mlops.monitoring import drift
 from mnist_mlops.monitoring.accuracy import Accuracy, by_version
 from mnist_mlops.monitoring.reference import Reference
+from mnist_mlops.records import feedback, prediction_log, shards
 
 NO_TRAFFIC = "no traffic"
 TOO_FEW = "too few predictions to judge drift"

@@ -137,9 +137,13 @@ def close_stale_runs() -> list[str]:
     return closed
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, named: bool = False) -> str:
+    """An exception in one line: its message's first (300 characters at most), else its type;
+    `named`: the type, then the message."""
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else exc.__class__.__name__
+    if not text:
+        return exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text[0][:300]}" if named else text[0][:300]
 
 
 def git_commit(root: Path) -> str:

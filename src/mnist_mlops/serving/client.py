@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlops.errors import UserError
-
-API_KEY_ENV = "MNIST_MLOPS_API_KEY"
+from mnist_mlops.serving.settings import API_KEY_ENV
 
 
 @dataclass(frozen=True)

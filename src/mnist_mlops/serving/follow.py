@@ -20,6 +20,7 @@ server-only and fire-and-forget (see DESIGN.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
+from mnist_mlops.platform.tracking import first_line
 from mnist_mlops.preprocess import INPUT_SHAPE, normalize
+from mnist_mlops.serving.package import KERAS_IN_MLFLOW_MODEL
 
 logger = logging.getLogger("mnist_mlops.serving.follow")
 # MLflow's sqlite store logs a multi-line ERROR on every failed query: an unreachable store
@@ -40,12 +43,6 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 # The canary: the first 20 digits of each class in the base test split of the sample (prepare's
 # default split), uint8 as stored in data/: 200 labelled digits no version ever trained on.
 CANARY_FILE = Path(__file__).resolve().parent / "canary.npz"
-KERAS_IN_MLFLOW_MODEL = "data/model.keras"  # the mlflow.keras flavor's file inside a logged model
-# How `mnist-mlops serve` tells the service what to serve (params.yaml is read at serve time):
-FOLLOW_ENV = "MNIST_MLOPS_FOLLOW"                  # "1": follow the champion alias
-PIN_ENV = "MNIST_MLOPS_PIN"                        # a registered version to serve, and only it
-FOLLOW_SECONDS_ENV = "MNIST_MLOPS_FOLLOW_SECONDS"  # else serve.follow_seconds baked into the Bento
-MIN_ACCURACY_ENV = "MNIST_MLOPS_MIN_ACCURACY"      # the canary's floor: evaluate.min_accuracy
 
 
 @dataclass(frozen=True)
@@ -154,12 +151,12 @@ def load_version(version: str, min_accuracy: float | None) -> LoadedModel:
         mv = client.get_model_version(MODEL_NAME, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/{version}"))
     except Exception as exc:  # noqa: BLE001 - the store or its artifacts did not answer: try again later
-        raise ReloadError(f"v{version} cannot be fetched now: {one_line(exc)}", transient=True) from None
+        raise ReloadError(f"v{version} cannot be fetched now: {first_line(exc, named=True)}", transient=True) from None
     try:
         model = load_keras(local / KERAS_IN_MLFLOW_MODEL)
         forward = compile_forward(model)
     except Exception as exc:  # noqa: BLE001 - any failure to load the file means: not servable
-        raise ReloadError(f"v{version} cannot be loaded: {one_line(exc)}") from None
+        raise ReloadError(f"v{version} cannot be loaded: {first_line(exc, named=True)}") from None
     tags = mv.tags
     recorded = _tag_float(tags, "test_accuracy")
     floor = min_accuracy if min_accuracy is not None else _tag_float(tags, "gate.min_accuracy")
@@ -171,14 +168,14 @@ def load_version(version: str, min_accuracy: float | None) -> LoadedModel:
 
 
 def champion_version() -> str:
+    """The version the champion alias names; raises when the registry cannot say.
+
+    Not `registry.champion_version`, which answers None for any MlflowException: the follower
+    must tell "no answer" (keep serving, log why, poll again) from a version, and log the cause.
+    """
     import mlflow
 
     return str(mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 @dataclass
@@ -197,6 +194,27 @@ class FollowerState:
 
 
 MAX_BACKOFF_SECONDS = 300.0
+
+
+@functools.cache
+def follower_metrics() -> dict:
+    """Follow-mode metrics, per worker (BentoML serves them at /metrics, multiprocess-aware).
+
+    Made once per process, on first use: Prometheus refuses a metric registered twice.
+    """
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return {
+        "version": Gauge("mnist_served_model_version", "registered version this worker serves",
+                         multiprocess_mode="liveall"),
+        "reloads": Counter("mnist_model_reloads_total", "champion changes loaded and swapped in"),
+        "failures": Counter("mnist_model_reload_failures_total",
+                            "failed loads: refused (unloadable, failing the canary) or to be retried"),
+        "behind": Gauge("mnist_follower_behind", "1 while the champion alias names a version this worker does "
+                        "not serve (refused, or being retried)", multiprocess_mode="liveall"),
+        "seconds": Histogram("mnist_model_reload_seconds", "seconds to load, trace and check a new version",
+                             buckets=(0.5, 1, 2, 5, 10, 20, 40, 80)),
+    }
 
 
 class ChampionFollower:
@@ -222,7 +240,7 @@ class ChampionFollower:
             try:
                 await asyncio.to_thread(self.poll_once)
             except Exception as exc:  # noqa: BLE001 - the follower must never die
-                logger.exception("champion follower: unexpected error: %s", one_line(exc))
+                logger.exception("champion follower: unexpected error: %s", first_line(exc, named=True))
 
     def poll_once(self) -> None:
         try:
@@ -230,7 +248,7 @@ class ChampionFollower:
         except Exception as exc:  # noqa: BLE001 - unreachable store, or no champion any more
             if self.state.registry_reachable:
                 logger.warning("champion follower: registry unreachable (%s): serving v%s until it answers",
-                               one_line(exc), self.current().version)
+                               first_line(exc, named=True), self.current().version)
             self.state.registry_reachable = False
             return
         if not self.state.registry_reachable:

@@ -17,7 +17,8 @@ from mnist_mlops.errors import UserError
 BENTO_NAME = "mnist-classifier"
 BENTOFILE = "bentofile.yaml"
 MLFLOW_FOLDER = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
-KERAS_FILE = f"{MLFLOW_FOLDER}/data/model.keras"  # the mlflow.keras flavor's file inside it
+KERAS_IN_MLFLOW_MODEL = "data/model.keras"  # the mlflow.keras flavor's file inside a logged MLflow model
+KERAS_FILE = f"{MLFLOW_FOLDER}/{KERAS_IN_MLFLOW_MODEL}"  # ... and inside the BentoML model
 
 
 def champion_info(root: Path) -> dict:
@@ -133,9 +134,18 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
     `metrics_dir`, this serve's own (see serving/launch.py). Returns (cmd, env, Bento tag)."""
     import sys
 
-    from mnist_mlops import feedback, prediction_log, registry
+    from mnist_mlops import registry
     from mnist_mlops.config import Paths, tracking_uri
-    from mnist_mlops.serving.follow import FOLLOW_ENV, FOLLOW_SECONDS_ENV, MIN_ACCURACY_ENV, PIN_ENV
+    from mnist_mlops.serving.settings import (
+        FEEDBACK_DIR_ENV,
+        FOLLOW_ENV,
+        FOLLOW_SECONDS_ENV,
+        LOG_DIR_ENV,
+        LOG_MAX_MB_ENV,
+        LOG_ON_ENV,
+        MIN_ACCURACY_ENV,
+        PIN_ENV,
+    )
 
     root = Path(root).resolve()
     params = load_params(root)
@@ -152,10 +162,10 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
            MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
            FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds),
            # The log and the labels live in the project (unless the environment says where).
-           prediction_log.DIR_ENV: str(Paths(root).prediction_log),
-           feedback.DIR_ENV: str(Paths(root).feedback),
-           prediction_log.ON_ENV: "1" if params.serve.log_predictions else "0",
-           prediction_log.MAX_MB_ENV: repr(params.serve.log_max_mb)}
+           LOG_DIR_ENV: str(Paths(root).prediction_log),
+           FEEDBACK_DIR_ENV: str(Paths(root).feedback),
+           LOG_ON_ENV: "1" if params.serve.log_predictions else "0",
+           LOG_MAX_MB_ENV: repr(params.serve.log_max_mb)}
     if env["MLFLOW_TRACKING_URI"].startswith("sqlite"):  # a fresh connection per poll: a moved or
         env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # restored file is seen at once
     env.pop(FOLLOW_ENV if pin else PIN_ENV, None)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops import feedback
 from mnist_mlops.config import Params, Paths
+from mnist_mlops.records import feedback
 from mnist_mlops.splits import base_test_images
 from mnist_mlops.training.data import Digits, FetchResult, feedback_meta
 from mnist_mlops.training.data import fetch as fetch_data

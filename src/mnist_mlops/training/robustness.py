@@ -29,6 +29,7 @@ from mnist_mlops.config import Params, Paths
 from mnist_mlops.errors import UserError
 from mnist_mlops.imaging import to_mnist
 from mnist_mlops.preprocess import normalize
+from mnist_mlops.preprocess import to_uint8 as as_uint8
 
 SCALE = 3  # the sheet is drawn at 3× the MNIST resolution ...
 SHEET = 28 * SCALE + 2 * 14  # ... with a 14 px paper margin all round: 112×112
@@ -242,11 +243,6 @@ def build(digits: np.ndarray, labels: np.ndarray, processes: int = 1) -> tuple[n
     else:
         parts = [corrupt(digits, c) for c in CORRUPTIONS]
     return np.concatenate(parts), np.tile(labels, n), np.repeat(np.arange(n, dtype=np.uint8), len(labels))
-
-
-def as_uint8(x: np.ndarray) -> np.ndarray:
-    """Normalised N×28×28×1 digits back to uint8 N×28×28 (exact: normalise divides by 255)."""
-    return np.rint(np.asarray(x)[..., 0] * 255.0).astype(np.uint8)
 
 
 def slice_of(x: np.ndarray, y: np.ndarray, count: int, seed: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import AugmentParams, Params, Paths
+from mnist_mlops.platform.devices import pick_strategy
 from mnist_mlops.training.prepare import load_split
 
 
@@ -24,20 +25,6 @@ def make_deterministic(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-def pick_strategy():
-    """Several GPUs → MirroredStrategy, one GPU → that GPU, none → the default (CPU)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    if len(gpus) == 1:
-        return tf.distribute.OneDeviceStrategy("/gpu:0")
-    return tf.distribute.get_strategy()
 
 
 def _shuffled(x: np.ndarray, y: np.ndarray, seed: int | None):

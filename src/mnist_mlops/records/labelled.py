@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.errors import UserError
-from mnist_mlops.feedback import FeedbackStore
 from mnist_mlops.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, image_to_input
-from mnist_mlops.prediction_log import to_uint8
+from mnist_mlops.preprocess import to_uint8
+from mnist_mlops.records.feedback import FeedbackStore
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Written by the service's `/feedback` endpoint and by `mnist-mlops feedback import`; read by
 the training flow's fetch step (`accepted`), `mnist-mlops feedback` and the monitor. Stored as
-append-only shards (`mnist_mlops.shards`), the digit copied in, so a label outlives the
+append-only shards (`mnist_mlops.records.shards`), the digit copied in, so a label outlives the
 prediction log's retention.
 
 Each record: `time` (UTC), `label`, `source` (feedback | import), `sha` (of the 784 pixels:
@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops import shards
-from mnist_mlops.config import FEEDBACK_ENV
 from mnist_mlops.digit_features import has_ink
-from mnist_mlops.prediction_log import now_iso, parse_time
+from mnist_mlops.records import shards
+from mnist_mlops.records.prediction_log import now_iso, parse_time
 
 PREFIX = "labels"
-DIR_ENV = FEEDBACK_ENV  # where the service stores labels (`mnist-mlops serve` sets it)
 SHARD_BYTES = 4 * 1024 * 1024  # ~5,000 digits per shard
 # A labelled digit this close to a base test digit (RMS pixel difference, of 255) is a copy of
 # it: re-encoded or lightly noised. The closest two distinct digits of the sample are 12.2

@@ -3,7 +3,7 @@
 Written by the service (`PredictionLog`: off the request path, a buffer that a background
 thread appends to this worker's own shards every `FLUSH_SECONDS`); read by the feedback
 endpoint (`find`), the feedback store and the monitor (`read_window`). The format is
-`mnist_mlops.shards`: a SIGKILL loses at most the last flush interval and never corrupts what
+`mnist_mlops.records.shards`: a SIGKILL loses at most the last flush interval and never corrupts what
 was written before.
 
 Each record: `prediction_id`, `time` (UTC, ISO 8601), `model_version`, `endpoint`, `digit`,
@@ -23,18 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops import shards
-from mnist_mlops.config import PREDICTION_LOG_ENV
 from mnist_mlops.digit_features import feature_records
+from mnist_mlops.preprocess import to_uint8
+from mnist_mlops.records import shards
 
 PREFIX = "predictions"
 FLUSH_SECONDS = 0.5
-# The service's settings (`mnist-mlops serve` sets them from params.yaml; a bare Bento uses
-# the build arguments and ./logs/predictions).
-DIR_ENV = PREDICTION_LOG_ENV
-ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"
-MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"
-logger = logging.getLogger("mnist_mlops.prediction_log")
+logger = logging.getLogger("mnist_mlops.records.prediction_log")
 
 
 def new_ids(n: int) -> list[str]:
@@ -48,11 +43,6 @@ def id_time(prediction_id: str) -> float | None:
     if len(prediction_id) != 28 or not all(c in "0123456789abcdef" for c in prediction_id):
         return None
     return int(prediction_id[:12], 16) / 1000
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """The model's float input in [0, 1] back to the 28×28 uint8 pixels it came from."""
-    return np.clip(np.rint(np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0), 0, 255).astype(np.uint8)
 
 
 def now_iso() -> str:
