@@ -85,7 +85,7 @@ def test_first_better_worse_below_floor_nan(store, digits, models) -> None:
     _, _, xt, yt = digits
     worse = register(models["worse"])
     d = registry.gate(worse, xt, yt, min_accuracy=0.5)
-    assert d.promoted and champion(store) == worse and "first model" in d.reason
+    assert d.promoted and champion(store) == worse and "first model" in d.reason and d.slice is None
 
     good = register(models["good"])
     d = registry.gate(good, xt, yt, min_accuracy=0.5)
@@ -95,13 +95,13 @@ def test_first_better_worse_below_floor_nan(store, digits, models) -> None:
 
     again = register(models["worse"])
     d = registry.gate(again, xt, yt, min_accuracy=0.5)
-    assert not d.promoted and champion(store) == good
+    assert not d.promoted and champion(store) == good and d.slice == "test"  # the set that refused it
     assert tags(store, again)[registry.TAG_DECISION] == "rejected"
     assert "worse than champion" in tags(store, again)[registry.TAG_REASON]
 
     low = register(models["untrained"])
     d = registry.gate(low, xt, yt, min_accuracy=0.5)
-    assert not d.promoted and champion(store) == good and "below the floor" in d.reason
+    assert not d.promoted and champion(store) == good and "below the floor" in d.reason and d.slice == "test"
 
     nan = register(models["nan"])
     d = registry.gate(nan, xt, yt, min_accuracy=0.0)
