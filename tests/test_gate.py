@@ -279,10 +279,12 @@ def test_a_trained_model_is_registered_once(store) -> None:
 def test_what_a_gate_that_changes_nothing_says(store, digits, models) -> None:
     """Issue 30 point 4: a decision reported again is not a promotion, a rolled-back version is
     not re-gated by a new floor (and says so), and `promote` of the champion changes nothing."""
-    from pipelines.training import gate_rows
+    from pipelines.tasks import Promoted, gate_rows
 
     def promoted_row(d: registry.Decision) -> str:  # as the flow's promote task hands it to the summary
-        return gate_rows(vars(d) | {"run_id": "r", "champion": registry.champion_version()})["promoted"]
+        return gate_rows(Promoted(model="m", version=d.version, run_id="r", promoted=d.promoted, reason=d.reason,
+                                  changed=d.changed, earlier=d.earlier,
+                                  champion=registry.champion_version()))["promoted"]
 
     _, _, xt, yt = digits
     worse = register(models["worse"])
