@@ -80,24 +80,29 @@ def run(
     package: Annotated[bool, typer.Option(help="Build a Bento when the champion changes.")] = True,
 ) -> None:
     """Run the whole pipeline: fetch, version, prepare, train, evaluate, promote, package."""
-    from mnist_mlops.config import Paths, load_params, write_params
-    from mnist_mlops.platform.locking import pipeline_lock
-
     root = _root()
     overrides = [*(set_ or []), *([f"data.source={source}"] if source else [])]
-    load_params(root, overrides)  # fail on bad params before any work
-    with pipeline_lock(Paths(root).lock):
-        from mnist_mlops.platform import prefect_server
-
-        server = prefect_server.start()  # boots in parallel with the imports below
-        changed = write_params(root, overrides)
-        if changed:
-            err_console.print(f"params.yaml updated: {', '.join(changed)}")
-        from pipelines.training import training_flow
-
-        with prefect_server.api(server):
-            summary = training_flow(root=str(root), package_bento=package)
+    summary = run_flow(root, overrides, "pipelines.training:training_flow", package_bento=package)
     print_summary("mnist-mlops run", with_ui_rows(root, summary))
+
+
+def run_flow(root: Path, overrides: list[str], flow: str, **parameters) -> dict:
+    """Params checked, the pipeline lock checked, a Prefect server started (or PREFECT_API_URL's),
+    then `flow` (`module:function`) run on it. The flow itself takes the lock and writes the
+    overrides to params.yaml; checking the lock here first fails a second run before a server starts."""
+    import importlib
+
+    from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.platform import prefect_server
+    from mnist_mlops.platform.locking import ensure_free
+
+    load_params(root, overrides)  # fail on bad params before any work
+    ensure_free(Paths(root).lock)
+    server = prefect_server.start()  # boots in parallel with the flow's imports below
+    module, name = flow.split(":")
+    run = getattr(importlib.import_module(module), name)
+    with prefect_server.api(server):
+        return run(root=str(root), overrides=overrides, **parameters)
 
 
 @app.command()
@@ -466,8 +471,7 @@ def sweep(
                                  "the gate (by default they are installed only when it passes).")] = False,
 ) -> None:
     """Train every grid combination as child runs of one MLflow run; evaluate and gate only the best."""
-    from mnist_mlops.config import Paths, load_params, write_params
-    from mnist_mlops.platform.locking import pipeline_lock
+    from mnist_mlops.config import load_params
     from mnist_mlops.training.sweep import combinations
 
     root = _root()
@@ -477,18 +481,8 @@ def sweep(
         raise UserError("--pool needs the Prefect server the pool's workers poll: "
                         "export PREFECT_API_URL=http://HOST:4200/api")
     err_console.print(f"sweep: {len(combos)} combinations" + (f" on work pool {pool}" if pool else ""))
-    with pipeline_lock(Paths(root).lock):
-        from mnist_mlops.platform import prefect_server
-
-        server = prefect_server.start()  # boots in parallel with the imports below
-        changed = write_params(root, set_)
-        if changed:
-            err_console.print(f"params.yaml updated: {', '.join(changed)}")
-        from pipelines.sweep import sweep_flow
-
-        with prefect_server.api(server):
-            summary = sweep_flow(root=str(root), grid=list(grid), package_bento=package, pool=pool,
-                                 install_anyway=install_anyway)
+    summary = run_flow(root, list(set_ or []), "pipelines.sweep:sweep_flow", grid=list(grid), package_bento=package,
+                       pool=pool, install_anyway=install_anyway)
     console.print(leaderboard(summary.pop("leaderboard")))
     print_summary("mnist-mlops sweep", with_ui_rows(root, summary))
 
