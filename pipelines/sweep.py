@@ -23,7 +23,8 @@ from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
 from mnist_mlops.errors import UserError
-from mnist_mlops.training.sweep import Candidate
+from mnist_mlops.training import candidate as candidates
+from mnist_mlops.training.candidate import Candidate
 from pipelines import tasks
 
 CANDIDATE_FLOW = "mnist-sweep-candidate"
@@ -62,7 +63,7 @@ def candidate(root: str, index: int, overrides: list[str], parent_run_id: str, w
     """Train one combination as a nested MLflow child run; returns its val, robust-val and foreign-val accuracy."""
     from mnist_mlops.training import sweep
 
-    cand = sweep.train_candidate(Path(root), index, overrides, parent_run_id, Path(workdir))
+    cand = candidates.train_candidate(Path(root), index, overrides, parent_run_id, Path(workdir))
     sweep.record_candidate(Path(root), parent_run_id, cand)
     get_run_logger().info("candidate %s: val accuracy %.4f, robust val accuracy %.4f, foreign val accuracy %.4f "
                           "(run %s)", cand.label, cand.val_accuracy, cand.robust_val_accuracy,
@@ -81,16 +82,16 @@ def candidate_flow(index: int, overrides: list[str], parent_run_id: str, params:
 
     tasks.quiet_user_error_tracebacks()
     checkout = Path(root).resolve()
-    sweep.check_checkout(checkout, params, prepared)
+    candidates.check_checkout(checkout, params, prepared)
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id())
-    where = sweep.placement()
+    where = candidates.placement()
     get_run_logger().info("candidate-%d (%s) on worker %s, host %s, CPUs %s, GPUs %s", index, " ".join(overrides),
                           where["sweep.worker"], where["sweep.host"], where["sweep.cpus"], where["sweep.gpus"])
     artifacts = Paths(checkout).artifacts
     artifacts.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".sweep-{parent_run_id[:8]}-c{index}-", dir=artifacts))
     try:
-        cand = sweep.train_candidate(checkout, index, overrides, parent_run_id, work, upload=True,
+        cand = candidates.train_candidate(checkout, index, overrides, parent_run_id, work, upload=True,
                                      stop_with_parent=True)
     finally:
         sweep.cleanup(work)
@@ -126,11 +127,10 @@ def fan_out(root: Path, pool: str, deployment: str, combos: list[list[str]],
     """Start every candidate on the pool at once and wait for all: (finished, failed)."""
     from prefect.deployments import run_deployment
 
-    from mnist_mlops.training import sweep
 
     log = get_run_logger()
     shared = {"parent_run_id": parent, "params": load_params(root).model_dump(mode="json"),
-              "prepared": sweep.prepared_md5s(root)}
+              "prepared": candidates.prepared_md5s(root)}
     runs = {i: run_deployment(deployment, parameters={"index": i, "overrides": combo, **shared}, timeout=0,
                               flow_run_name=f"candidate-{i}", tags=["mnist-mlops", "sweep"])
             for i, combo in enumerate(combos)}
@@ -143,7 +143,8 @@ def fan_out(root: Path, pool: str, deployment: str, combos: list[list[str]],
     finished, failed = [], []
     for i, state in final.items():
         if state.type.value == "COMPLETED":
-            finished.append(sweep.candidate_from_run(sweep.child_run(root, parent, str(runs[i].id)), i, combos[i]))
+            run = candidates.child_run(root, parent, str(runs[i].id))
+            finished.append(candidates.candidate_from_run(run, i, combos[i]))
         else:
             message = (state.message or state.name).splitlines()[0].split("UserError: ", 1)[-1]
             failed.append(FailedCandidate(i, combos[i], state.name, message[:300]))
@@ -289,7 +290,7 @@ def run_sweep(root: str, combos: list[list[str]], parent: str, pool: str | None,
         finished, failed = train_candidates(root, combos, parent, pool, deployment, work)
         winner = sweep.best(finished)
         if pool:
-            winner = replace(winner, workdir=str(sweep.fetch_outputs(paths.root, winner.run_id, work / "winner")))
+            winner = replace(winner, workdir=str(candidates.fetch_outputs(paths.root, winner.run_id, work / "winner")))
         snap = sweep.snapshot(paths.root, work / "before-install")
         changed = install_best(root, winner)
         evaluated = tasks.stage.with_options(name="evaluate")(root, "evaluate")
