@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mnist_mlops.cli.common import SetOption, console, err_console, print_summary, project_dir
+from mnist_mlops.commands.common import SetOption, console, err_console, print_summary, project_dir
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import run_in_foreground
 

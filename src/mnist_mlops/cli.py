@@ -1,8 +1,9 @@
 """`mnist-mlops`: the command line. Each command is thin; the work lives in the step modules.
 
 This module is the map of the commands, in the order `--help` lists them; they live by role in
-`flows` (run, sweep, monitor, schedule, prefect-ui), `models` (fetch, verify, promote,
-rollback, ui, package, serve, predict) and `feedback`; `common` holds what they share.
+`mnist_mlops.commands`: `flows` (run, sweep, monitor, schedule, prefect-ui), `models` (fetch,
+verify, promote, rollback, ui, package, serve, predict) and `feedback`; `common` holds what they
+share.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from mnist_mlops.cli import feedback, flows, models
-from mnist_mlops.cli.common import err_console
+from mnist_mlops.commands import feedback, flows, models
+from mnist_mlops.commands.common import err_console
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform.tracking import quiet_env
 
@@ -68,3 +69,6 @@ def main() -> None:
         err_console.print("stopped")
         sys.exit(130)
 
+
+if __name__ == "__main__":
+    main()

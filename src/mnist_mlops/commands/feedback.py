@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mnist_mlops.cli.common import err_console, print_summary, project_dir
+from mnist_mlops.commands.common import err_console, print_summary, project_dir
 from mnist_mlops.errors import UserError
 
 app = typer.Typer(help="Labelled digits from people: counts, import, export.", no_args_is_help=False,
