@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
-from pipelines.training import quiet_user_error_tracebacks, summary_markdown
+from pipelines.tasks import quiet_user_error_tracebacks, summary_markdown
 
 EXPERIMENT = "mnist-monitoring"
 

@@ -27,7 +27,8 @@ from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
            "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
-           "Server", "copy_project", "free_port", "log_keras", "make_project", "postgres_cluster", "serving",
+           "Server", "copy_project", "free_port", "log_keras", "make_project", "npz_bytes", "postgres_cluster",
+           "serving",
            "start_server", "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,3 +388,19 @@ class S3:
     def keys(self, bucket: str) -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def npz_bytes(digits) -> bytes:
+    """Digits (`training.data.Digits`) as a Keras-style .npz, as a mirror would publish them."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    n = len(digits.labels) * 4 // 5
+    np.savez(buf, x_train=digits.images[:n], y_train=digits.labels[:n],
+             x_test=digits.images[n:], y_test=digits.labels[n:])
+    return buf.getvalue()

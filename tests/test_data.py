@@ -20,13 +20,12 @@ from mnist_mlops.training.data import (
     DownloadError,
     fetch,
     load_sample,
-    npz_bytes,
     read_data,
     validate,
     write_data,
 )
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, npz_bytes
 
 
 class Mirror:

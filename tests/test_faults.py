@@ -27,7 +27,7 @@ import pytest
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 
-from helpers import BIN, Project, copy_project, free_port, stop_group
+from helpers import BIN, Project, copy_project, free_port, npz_bytes, stop_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -194,7 +194,7 @@ class BadMirror:
 
 @pytest.mark.timeout(600)
 def test_bad_downloads_are_retried_then_rejected_before_data_changes(project: Project) -> None:
-    from mnist_mlops.training.data import load_sample, npz_bytes
+    from mnist_mlops.training.data import load_sample
 
     project.cli("fetch")  # the good data/ the failed run must not replace
     before = state(project)

@@ -15,6 +15,7 @@ import pytest
 from mnist_mlops import registry
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 from mnist_mlops.errors import UserError
+from mnist_mlops.preprocess import to_uint8
 
 from helpers import log_keras
 
@@ -88,7 +89,7 @@ def test_first_better_worse_below_floor_nan(store, digits, models) -> None:
     _, _, xt, yt = digits
     worse = register(models["worse"])
     d = registry.gate(worse, xt, yt, min_accuracy=0.5)
-    assert d.promoted and champion(store) == worse and "first model" in d.reason
+    assert d.promoted and champion(store) == worse and "first model" in d.reason and d.slice is None
 
     good = register(models["good"])
     d = registry.gate(good, xt, yt, min_accuracy=0.5)
@@ -98,13 +99,13 @@ def test_first_better_worse_below_floor_nan(store, digits, models) -> None:
 
     again = register(models["worse"])
     d = registry.gate(again, xt, yt, min_accuracy=0.5)
-    assert not d.promoted and champion(store) == good
+    assert not d.promoted and champion(store) == good and d.slice == "test"  # the set that refused it
     assert tags(store, again)[registry.TAG_DECISION] == "rejected"
     assert "worse than champion" in tags(store, again)[registry.TAG_REASON]
 
     low = register(models["untrained"])
     d = registry.gate(low, xt, yt, min_accuracy=0.5)
-    assert not d.promoted and champion(store) == good and "below the floor" in d.reason
+    assert not d.promoted and champion(store) == good and "below the floor" in d.reason and d.slice == "test"
 
     nan = register(models["nan"])
     d = registry.gate(nan, xt, yt, min_accuracy=0.0)
@@ -218,8 +219,8 @@ def test_a_challenger_clearly_less_robust_is_refused(store, digits, models) -> N
 
     x, y, xt, yt = digits
     seen, unseen = robustness.pick(y, 100, seed=1), robustness.pick(yt, 60, seed=2)
-    xc, yc, _ = robustness.build(robustness.as_uint8(x[seen]), y[seen])
-    xr, yr, _ = robustness.build(robustness.as_uint8(xt[unseen]), yt[unseen])
+    xc, yc, _ = robustness.build(to_uint8(x[seen]), y[seen])
+    xr, yr, _ = robustness.build(to_uint8(xt[unseen]), yt[unseen])
     slices = {"robust": (normalize(xr), yr)}
     also_corrupted = softmax_model(np.concatenate([x, normalize(xc)]), np.concatenate([y, yc.astype(np.int32)]), 4)
     pair = [models["good"], also_corrupted]
@@ -282,10 +283,12 @@ def test_a_trained_model_is_registered_once(store) -> None:
 def test_what_a_gate_that_changes_nothing_says(store, digits, models) -> None:
     """Issue 30 point 4: a decision reported again is not a promotion, a rolled-back version is
     not re-gated by a new floor (and says so), and `promote` of the champion changes nothing."""
-    from pipelines.training import gate_rows
+    from pipelines.tasks import Promoted, gate_rows
 
     def promoted_row(d: registry.Decision) -> str:  # as the flow's promote task hands it to the summary
-        return gate_rows(vars(d) | {"run_id": "r", "champion": registry.champion_version()})["promoted"]
+        return gate_rows(Promoted(model="m", version=d.version, run_id="r", promoted=d.promoted, reason=d.reason,
+                                  changed=d.changed, earlier=d.earlier,
+                                  champion=registry.champion_version()))["promoted"]
 
     _, _, xt, yt = digits
     worse = register(models["worse"])

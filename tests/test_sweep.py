@@ -24,7 +24,8 @@ import yaml
 from mnist_mlops.config import load_params, write_params
 from mnist_mlops.errors import UserError
 from mnist_mlops.platform.processes import start_group, stop_group
-from mnist_mlops.training.sweep import Candidate, best, check_checkout, parse_grid, prepared_md5s, split_values
+from mnist_mlops.training.candidate import Candidate, check_checkout, prepared_md5s
+from mnist_mlops.training.sweep import best, parse_grid, split_values
 
 from helpers import BIN, REPO, SMALL_MODEL, copy_project
 

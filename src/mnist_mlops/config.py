@@ -6,6 +6,7 @@ bad value stops the run before any work with one line naming the key.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -294,16 +295,11 @@ class Paths:
         self.prepared = self.artifacts / "prepared"
         self.robust = self.artifacts / "robust"  # the robustness slices (training/robustness.py)
         self.foreign = self.artifacts / "foreign"  # the foreign digits and slices (training/foreign.py)
-        self.model_dir = self.artifacts / "model"
-        self.model_file = self.model_dir / "model.keras"
-        self.train_run = self.model_dir / "run.json"
+        self._place_train_outputs(self.artifacts / "model", self.root / "reports")
         self.evaluated = self.artifacts / "evaluated.json"  # the evaluate stage's output: the logged model
         self.registered = self.artifacts / "registered.json"  # the promote step's: its registered version
-        self.reports = self.root / "reports"
         self.metrics = self.reports / "metrics.json"
-        self.history = self.reports / "history.csv"
         self.confusion = self.reports / "confusion.csv"
-        self.figures = self.reports / "figures"
         self.lock = self.root / ".mnist-mlops.lock"
         # the labelled digits (mnist_mlops.records.feedback) and what the service answered ($FEEDBACK_ENV,
         # $PREDICTION_LOG_ENV when set: the service's, the fetch step's and the monitor's alike)
@@ -311,6 +307,22 @@ class Paths:
         self.prediction_log = _env_path(PREDICTION_LOG_ENV) or self.root / "logs" / "predictions"
         self.monitoring = self.reports / "monitoring"  # the monitor's HTML reports
         self.cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
+
+
+    def _place_train_outputs(self, model_dir: Path, reports: Path) -> None:
+        """Where the train step writes: the model, its run.json, the history and the figures."""
+        self.model_dir = model_dir
+        self.model_file = model_dir / "model.keras"
+        self.train_run = model_dir / "run.json"
+        self.reports = reports
+        self.history = reports / "history.csv"
+        self.figures = reports / "figures"
+
+    def with_train_outputs_in(self, workdir: Path) -> Paths:
+        """A copy whose train step writes into `workdir` (a sweep candidate's); the rest unchanged."""
+        paths = copy.copy(self)
+        paths._place_train_outputs(workdir / "model", workdir / "reports")
+        return paths
 
 
 def _env_path(name: str) -> Path | None:

@@ -155,8 +155,12 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
        stretched so the strongest stroke is 255.
     A blank image gives a blank 28×28 digit.
     """
-    from PIL import Image
+    ink = _ink(gray)
+    return _centred(ink / ink.max()) if ink.any() else np.zeros((SIZE, SIZE), np.uint8)
 
+
+def _ink(gray: np.ndarray) -> np.ndarray:
+    """Step 1 of `to_mnist`: light-on-dark floats, the paper's level and grain removed; 0 where no ink."""
     g = np.asarray(gray)
     if g.ndim != 2:
         raise ImageError(f"expected a 2-D grayscale image, got shape {g.shape}")
@@ -174,9 +178,13 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     ink[ink < max(0.1, 4.0 * level)] = 0.0
     if noisy:
         ink *= without_specks(ink > 0)
-    if not ink.any():
-        return np.zeros((SIZE, SIZE), np.uint8)
-    ink = ink / ink.max()
+    return ink
+
+
+def _centred(ink: np.ndarray) -> np.ndarray:
+    """Steps 2-4 of `to_mnist`: the ink (max 1) cropped, scaled to 20 pixels, centred by mass in 28×28."""
+    from PIL import Image
+
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]

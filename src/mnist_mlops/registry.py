@@ -45,6 +45,7 @@ class Decision:
     previous_champion: str | None = None
     changed: bool = False
     earlier: str | None = None
+    slice: str | None = None  # the set the gate's decision turned on (`Ruling.slice`)
 
 
 def client():
@@ -202,6 +203,57 @@ def register(run_id: str, model_uri: str, weights_md5: str, tags: dict[str, str]
     return version
 
 
+@dataclass(frozen=True)
+class Ruling:
+    """What the gate decided about a challenger, before anything is written. `passed`: it is, or
+    stays, let through; `slice`: the set the decision turned on (`test` for the floor, the first
+    slice it is worse on; None when no set refused it); `reason`: the sentence, built from them.
+    `action` is what the registry records: `crown` (move the champion alias to it), `reject`,
+    or `keep` (it is champion already: its decision is re-recorded under this floor)."""
+
+    passed: bool
+    reason: str
+    action: str
+    slice: str | None = None
+
+
+def _floor_ruling(version: str, result, min_accuracy: float, current: str | None) -> Ruling | None:
+    """The ruling on a model with NaN outputs, under the floor, first above it or already champion
+    (None: it clears the floor and a champion stands to compare it with)."""
+    acc = result.accuracy
+    if not result.finite:
+        return Ruling(False, "model outputs NaN or infinite values", "reject", "test")
+    if acc < min_accuracy:
+        reason = f"test accuracy {acc:.4f} below the floor evaluate.min_accuracy={min_accuracy}"
+        if current == version:
+            return Ruling(False, reason + " (it stays champion: a floor blocks promotions, it never demotes)",
+                          "keep", "test")
+        return Ruling(False, reason, "reject", "test")
+    if current is None:
+        return Ruling(True, f"first model above the floor ({acc:.4f} >= {min_accuracy})", "crown")
+    if current == version:
+        return Ruling(True, f"already champion; it clears the floor evaluate.min_accuracy={min_accuracy} "
+                      f"({acc:.4f})", "keep")
+    return None
+
+
+def _compare_ruling(verdict: Verdict, champion: str) -> Ruling:
+    """The ruling of the comparison with the re-scored champion on the test split and every slice."""
+    worse = verdict.worse
+    return Ruling(verdict.passed, verdict.reason(champion), "crown" if verdict.passed else "reject",
+                  worse[0].name if worse else None)
+
+
+def _record(version: str, ruling: Ruling, min_accuracy: float, current: str | None, tags: dict[str, str]) -> None:
+    """Write the ruling to the registry: tags, description and, for `crown`, the champion alias."""
+    if ruling.action == "crown":
+        _set_alias(version, ruling.reason, current, min_accuracy)
+    elif ruling.action == "keep":  # the champion's own reason stands; only the floor is new
+        _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
+    else:
+        _reject(version, ruling.reason, min_accuracy)
+
+
 def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
          slices: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
          tolerances: dict[str, float] | None = None) -> Decision:
@@ -221,27 +273,19 @@ def gate(version: str, x: np.ndarray, y: np.ndarray, min_accuracy: float,
         return Decision(version, decided == "promoted", _earlier_reason(version, tags), earlier=decided)
     sets = {"test": (x, y), **(slices or {})}
     scores = rescore_on(version, sets)
-    acc = scores["test"].accuracy
     current = champion_version()
-    if refusal := _below_floor(version, scores["test"], min_accuracy, current, tags):
-        return refusal
-    if current is None:
-        reason = f"first model above the floor ({acc:.4f} >= {min_accuracy})"
-        _set_alias(version, reason, None, min_accuracy)
-        return Decision(version, True, reason, acc, changed=True)
-    if current == version:
-        _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
-        return Decision(version, True, f"already champion; it clears the floor evaluate.min_accuracy={min_accuracy} "
-                        f"({acc:.4f})", acc)
-    champ = rescore_on(current, sets)
-    verdict = Verdict([Comparison(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]),
-                                  (tolerances or {}).get(name, 0.0)) for name, mine in scores.items()])
-    reason = verdict.reason(current)
-    if not verdict.passed:
-        _reject(version, reason, min_accuracy)
-        return Decision(version, False, reason, acc, champ["test"].accuracy, current)
-    _set_alias(version, reason, current, min_accuracy)
-    return Decision(version, True, reason, acc, champ["test"].accuracy, current, changed=True)
+    champion_accuracy = None
+    ruling = _floor_ruling(version, scores["test"], min_accuracy, current)
+    if ruling is None:
+        champ = rescore_on(current, sets)
+        champion_accuracy = champ["test"].accuracy
+        ruling = _compare_ruling(Verdict([Comparison(name, mine.accuracy, champ[name].accuracy, len(sets[name][1]),
+                                                     (tolerances or {}).get(name, 0.0))
+                                          for name, mine in scores.items()]), current)
+    _record(version, ruling, min_accuracy, current, tags)
+    return Decision(version, ruling.passed, ruling.reason, scores["test"].accuracy, champion_accuracy,
+                    current if champion_accuracy is not None else None, changed=ruling.action == "crown",
+                    slice=ruling.slice)
 
 
 def _earlier_reason(version: str, tags: dict[str, str]) -> str:
@@ -253,23 +297,6 @@ def _earlier_reason(version: str, tags: dict[str, str]) -> str:
     if TAG_FLOOR in tags:
         return f"decided earlier under evaluate.min_accuracy={float(tags[TAG_FLOOR]):g}: {reason}"
     return f"decided earlier: {reason}"
-
-
-def _below_floor(version: str, result, min_accuracy: float, current: str | None, tags: dict) -> Decision | None:
-    """The refusal of a model with NaN outputs or under the floor (None: it clears the floor)."""
-    acc = result.accuracy
-    if not result.finite:
-        reason = "model outputs NaN or infinite values"
-    elif acc < min_accuracy:
-        reason = f"test accuracy {acc:.4f} below the floor evaluate.min_accuracy={min_accuracy}"
-        if current == version:
-            reason += " (it stays champion: a floor blocks promotions, it never demotes)"
-            _decide(version, "promoted", tags.get(TAG_REASON, "champion"), min_accuracy)
-            return Decision(version, False, reason, acc)
-    else:
-        return None
-    _reject(version, reason, min_accuracy)
-    return Decision(version, False, reason, acc)
 
 
 def promote(version: str, x: np.ndarray | None, y: np.ndarray | None, min_accuracy: float,

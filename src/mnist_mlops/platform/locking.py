@@ -1,8 +1,9 @@
 """One pipeline run at a time per project: a second run fails fast with a clear message.
 
-The lock is taken by `mnist-mlops run` and by the training flow itself, so a run started by
-a Prefect deployment (a schedule, a worker) excludes a manual one and vice versa. It is
-re-entrant within one process: the CLI holds it and then calls the flow, which takes it again.
+The lock is taken in one place, by the flows themselves (`pipelines.tasks.pipeline_run`), so a
+run started by a Prefect deployment (a schedule, a worker) excludes a manual one and vice versa.
+The CLI only checks it (`ensure_free`) before it starts a Prefect server. It is not re-entrant:
+a second holder, in this process or another, fails.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from filelock import FileLock, Timeout
 
 from mnist_mlops.errors import UserError
 
-_held: dict[str, int] = {}  # lock paths this process holds -> nesting depth
-
 
 @contextmanager
 def pipeline_lock(path: Path, wait_seconds: float = 0) -> Iterator[None]:
@@ -25,15 +24,7 @@ def pipeline_lock(path: Path, wait_seconds: float = 0) -> Iterator[None]:
 
     `wait_seconds=0` fails fast; a positive value waits that long for the holder to finish.
     """
-    key = str(Path(path).resolve())
-    if _held.get(key):
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
-    lock = FileLock(key)
+    lock = FileLock(str(Path(path).resolve()))
     try:
         lock.acquire(timeout=wait_seconds)
     except Timeout:
@@ -42,10 +33,15 @@ def pipeline_lock(path: Path, wait_seconds: float = 0) -> Iterator[None]:
         waited = f" (waited {wait_seconds:g}s)" if wait_seconds > 0 else ""
         raise UserError(f"another pipeline run holds {path.name} (pid {who}){waited}: "
                         "wait for it to finish") from None
-    _held[key] = 1
     try:
         path.with_suffix(".pid").write_text(str(os.getpid()))
         yield
     finally:
-        _held.pop(key, None)
         lock.release()
+
+
+def ensure_free(path: Path) -> None:
+    """Fail now, in the same one line, when another run holds the lock (taken and let go at once:
+    the run takes it for itself)."""
+    with pipeline_lock(path):
+        pass

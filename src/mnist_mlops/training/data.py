@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -320,12 +319,3 @@ def fetch(params: DataParams, data_dir: Path, cache: Path, feedback: FeedbackRow
     changed = write_data(digits, data_dir, meta)
     return FetchResult(data_dir, changed, len(digits.labels), origin, meta["count"] if meta else 0, kept,
                        screened.held_back() if screened else {})
-
-
-def npz_bytes(digits: Digits) -> bytes:
-    """Digits as a Keras-style .npz (used by tests and docs to publish data)."""
-    buf = io.BytesIO()
-    n = len(digits.labels) * 4 // 5
-    np.savez(buf, x_train=digits.images[:n], y_train=digits.labels[:n],
-             x_test=digits.images[n:], y_test=digits.labels[n:])
-    return buf.getvalue()

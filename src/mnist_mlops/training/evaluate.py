@@ -159,6 +159,31 @@ def monitoring_reference(paths: Paths, test_probs: np.ndarray, out: Path) -> Pat
     return out
 
 
+def version_tags(result, robust: dict, foreign: dict, fb_metrics: dict, fb_tags: dict, data_md5: str) -> dict[str, str]:
+    """The registered version's tags: its scores and data version, as the registry shows them."""
+    return {"test_accuracy": f"{result.accuracy:.6f}", "robust_accuracy": f"{robust['robust_accuracy']:.6f}",
+            "foreign_accuracy": f"{foreign['foreign_accuracy']:.6f}",
+            "foreign_worst_class": f"{foreign['foreign_worst_class']:.6f}",
+            "finite_outputs": str(result.finite).lower(),
+            "data.md5": data_md5, **fb_tags,
+            **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
+               if "feedback_accuracy" in fb_metrics else {})}
+
+
+def metrics_summary(result, metrics: dict, robust: dict, foreign: dict, families, fb_metrics: dict) -> dict:
+    """reports/metrics.json, what `dvc metrics show` compares: test, robustness, foreign, feedback, per class."""
+    return {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
+            "robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
+            "finite_outputs": result.finite,
+            **fb_metrics,
+            "robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items()
+                           if k != "robust_accuracy"},
+            "foreign": {k.removeprefix("foreign_"): round(v, 4) for k, v in foreign.items()
+                        if k != "foreign_accuracy"} | {"families": families},
+            "per_class": {k: round(v, 4) for k, v in metrics.items()
+                          if k.startswith(("precision_", "recall_", "f1_"))}}
+
+
 def evaluate(params: Params, paths: Paths) -> dict:
     """The `evaluate` stage: metrics + plots for DVC, the same logged to the training run."""
     import mlflow
@@ -193,25 +218,10 @@ def evaluate(params: Params, paths: Paths) -> dict:
         mlflow.log_artifact(str(paths.confusion), "reports")
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(monitoring_reference(paths, probs, Path(tmp) / REFERENCE_FILE)), "monitoring")
-        tags = {"test_accuracy": f"{result.accuracy:.6f}", "robust_accuracy": f"{robust['robust_accuracy']:.6f}",
-                "foreign_accuracy": f"{foreign['foreign_accuracy']:.6f}",
-                "foreign_worst_class": f"{foreign['foreign_worst_class']:.6f}",
-                "finite_outputs": str(result.finite).lower(),
-                "data.md5": run.data.tags.get("data.md5", "untracked"), **fb_tags,
-                **({"feedback_accuracy": f"{fb_metrics['feedback_accuracy']:.6f}"}
-                   if "feedback_accuracy" in fb_metrics else {})}
+        tags = version_tags(result, robust, foreign, fb_metrics, fb_tags, run.data.tags.get("data.md5", "untracked"))
         weights = file_md5(paths.model_file)
         model_uri = log_model(model, test.x, probs, weights)
-    summary = {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
-               "robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
-               "finite_outputs": result.finite,
-               **fb_metrics,
-               "robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items()
-                              if k != "robust_accuracy"},
-               "foreign": {k.removeprefix("foreign_"): round(v, 4) for k, v in foreign.items()
-                           if k != "foreign_accuracy"} | {"families": families},
-               "per_class": {k: round(v, 4) for k, v in metrics.items()
-                             if k.startswith(("precision_", "recall_", "f1_"))}}
+    summary = metrics_summary(result, metrics, robust, foreign, families, fb_metrics)
     paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     evaluated = ({"model": MODEL_NAME, "run_id": run_id, "model_uri": model_uri, "weights_md5": weights,
                   "version_tags": tags} | asdict(result)

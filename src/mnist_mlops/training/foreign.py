@@ -53,44 +53,36 @@ class Family:
     styles: tuple[str, ...]  # "package:file" of a font in a wheel, or "hershey:font"
 
 
+def faces(package: str, file: str, *styles: str) -> tuple[str, ...]:
+    """The "package:file" of each style of a face: `faces("font_lato", "Lato-{}.ttf", "Regular", "Bold")`."""
+    return tuple(f"{package}:{file.format(style)}" for style in styles)
+
+
 # Chosen before any model was scored on them: each split holds sans and mono faces; serif and
 # hand-drawn faces go to train and test. Hershey fonts that share their digits are one family;
 # the blackletter (gothic) ones are left out: nobody writes or prints prices and meters in them.
 FAMILIES: tuple[Family, ...] = (
-    Family("Source Sans/Serif Pro", "printed", "train", (
-        "font_source_sans_pro:SourceSansPro-Regular.ttf", "font_source_sans_pro:SourceSansPro-Bold.ttf",
-        "font_source_sans_pro:SourceSansPro-Light.ttf", "font_source_sans_pro:SourceSansPro-It.ttf",
-        "font_source_serif_pro:SourceSerifPro-Regular.ttf", "font_source_serif_pro:SourceSerifPro-Bold.ttf",
-        "font_source_serif_pro:SourceSerifPro-Light.ttf", "font_source_serif_pro:SourceSerifPro-It.ttf")),
-    Family("Fira", "printed", "train", (
-        "pymupdf_fonts:FiraGO_Regular", "pymupdf_fonts:FiraGO_Bold", "pymupdf_fonts:FiraGO_Italic",
-        "pymupdf_fonts:FiraMono_Regular", "pymupdf_fonts:FiraMono_Bold")),
-    Family("Space Mono", "printed", "train", (
-        "pymupdf_fonts:SpaceMono_Regular", "pymupdf_fonts:SpaceMono_Bold", "pymupdf_fonts:SpaceMono_Italic")),
-    Family("Lato", "printed", "train", (
-        "font_lato:Lato-Regular.ttf", "font_lato:Lato-Bold.ttf", "font_lato:Lato-Light.ttf",
-        "font_lato:Lato-Black.ttf", "font_lato:Lato-Italic.ttf")),
-    Family("Manrope", "printed", "train", (
-        "font_manrope:Manrope-Regular.ttf", "font_manrope:Manrope-Bold.ttf", "font_manrope:Manrope-ExtraLight.ttf")),
+    Family("Source Sans/Serif Pro", "printed", "train",
+           faces("font_source_sans_pro", "SourceSansPro-{}.ttf", "Regular", "Bold", "Light", "It")
+           + faces("font_source_serif_pro", "SourceSerifPro-{}.ttf", "Regular", "Bold", "Light", "It")),
+    Family("Fira", "printed", "train", faces("pymupdf_fonts", "FiraGO_{}", "Regular", "Bold", "Italic")
+           + faces("pymupdf_fonts", "FiraMono_{}", "Regular", "Bold")),
+    Family("Space Mono", "printed", "train", faces("pymupdf_fonts", "SpaceMono_{}", "Regular", "Bold", "Italic")),
+    Family("Lato", "printed", "train",
+           faces("font_lato", "Lato-{}.ttf", "Regular", "Bold", "Light", "Black", "Italic")),
+    Family("Manrope", "printed", "train", faces("font_manrope", "Manrope-{}.ttf", "Regular", "Bold", "ExtraLight")),
     Family("Fredoka One", "printed", "train", ("font_fredoka_one:FredokaOne-Regular.ttf",)),
-    Family("Amatic SC", "printed", "train", (
-        "font_amatic_sc:AmaticSC-Regular.ttf", "font_amatic_sc:AmaticSC-Bold.ttf")),
-    Family("Hanken Grotesk", "printed", "val", (
-        "font_hanken_grotesk:HankenGrotesk-Regular.otf", "font_hanken_grotesk:HankenGrotesk-Bold.otf",
-        "font_hanken_grotesk:HankenGrotesk-Light.otf", "font_hanken_grotesk:HankenGrotesk-Italic.otf")),
-    Family("Cascadia Mono", "printed", "val", (
-        "pymupdf_fonts:CascadiaMono_Regular", "pymupdf_fonts:CascadiaMono_Bold", "pymupdf_fonts:CascadiaMono_Italic")),
-    Family("Caladea", "printed", "test", (
-        "font_caladea:Caladea-Regular.ttf", "font_caladea:Caladea-Bold.ttf", "font_caladea:Caladea-Italic.ttf",
-        "font_caladea:Caladea-BoldItalic.ttf")),
-    Family("Ubuntu", "printed", "test", (
-        "pymupdf_fonts:Ubuntu_Regular", "pymupdf_fonts:Ubuntu_Bold", "pymupdf_fonts:Ubuntu_Italic",
-        "pymupdf_fonts:UbuntuMono_Regular", "pymupdf_fonts:UbuntuMono_Bold")),
-    Family("Noto Sans", "printed", "test", (
-        "pymupdf_fonts:NotoSans_Regular", "pymupdf_fonts:NotoSans_Bold", "pymupdf_fonts:NotoSans_Italic")),
-    Family("Red Hat Display", "printed", "test", (
-        "font_rhd:RedHatDisplay-Regular.ttf", "font_rhd:RedHatDisplay-Bold.ttf", "font_rhd:RedHatDisplay-Light.ttf",
-        "font_rhd:RedHatDisplay-Black.ttf", "font_rhd:RedHatDisplay-Italic.ttf")),
+    Family("Amatic SC", "printed", "train", faces("font_amatic_sc", "AmaticSC-{}.ttf", "Regular", "Bold")),
+    Family("Hanken Grotesk", "printed", "val",
+           faces("font_hanken_grotesk", "HankenGrotesk-{}.otf", "Regular", "Bold", "Light", "Italic")),
+    Family("Cascadia Mono", "printed", "val", faces("pymupdf_fonts", "CascadiaMono_{}", "Regular", "Bold", "Italic")),
+    Family("Caladea", "printed", "test",
+           faces("font_caladea", "Caladea-{}.ttf", "Regular", "Bold", "Italic", "BoldItalic")),
+    Family("Ubuntu", "printed", "test", faces("pymupdf_fonts", "Ubuntu_{}", "Regular", "Bold", "Italic")
+           + faces("pymupdf_fonts", "UbuntuMono_{}", "Regular", "Bold")),
+    Family("Noto Sans", "printed", "test", faces("pymupdf_fonts", "NotoSans_{}", "Regular", "Bold", "Italic")),
+    Family("Red Hat Display", "printed", "test",
+           faces("font_rhd", "RedHatDisplay-{}.ttf", "Regular", "Bold", "Light", "Black", "Italic")),
     Family("Intuitive", "printed", "test", ("font_intuitive:Intuitive.ttf",)),
     Family("Hershey simplex", "stroke", "train", ("hershey:futural", "hershey:rowmans", "hershey:cursive")),
     Family("Hershey complex", "stroke", "train", ("hershey:timesr", "hershey:timesi", "hershey:scripts")),

@@ -6,7 +6,7 @@ from mnist_mlops.config import ModelParams
 from mnist_mlops.preprocess import INPUT_SHAPE
 
 
-def conv_layers(params: ModelParams, seed: int) -> list:
+def conv_layers(params: ModelParams) -> list:
     """Conv2D(3×3) blocks, each closed by MaxPooling2D(2×2): 28 → 14 → 7 → 3."""
     from keras import layers
 
@@ -27,7 +27,7 @@ def build_model(params: ModelParams, seed: int = 42):
     import keras
     from keras import layers
 
-    stack = [keras.Input(shape=INPUT_SHAPE), *conv_layers(params, seed)]
+    stack = [keras.Input(shape=INPUT_SHAPE), *conv_layers(params)]
     stack += [layers.Flatten(), layers.Dense(params.dense_units, activation="relu")]
     if params.dropout:
         stack.append(layers.Dropout(params.dropout, seed=seed + 3))

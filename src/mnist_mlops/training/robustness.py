@@ -28,8 +28,7 @@ import numpy as np
 from mnist_mlops.config import Params, Paths
 from mnist_mlops.errors import UserError
 from mnist_mlops.imaging import to_mnist
-from mnist_mlops.preprocess import normalize
-from mnist_mlops.preprocess import to_uint8 as as_uint8
+from mnist_mlops.preprocess import normalize, to_uint8
 
 SCALE = 3  # the sheet is drawn at 3× the MNIST resolution ...
 SHEET = 28 * SCALE + 2 * 14  # ... with a 14 px paper margin all round: 112×112
@@ -249,7 +248,7 @@ def slice_of(x: np.ndarray, y: np.ndarray, count: int, seed: int,
              processes: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`count` digits of a split (the same number of each class), through every corruption."""
     rows = pick(y, count, seed)
-    return build(as_uint8(x[rows]), y[rows], processes)
+    return build(to_uint8(x[rows]), y[rows], processes)
 
 
 def write_slices(params: Params, paths: Paths, processes: int = 1) -> dict[str, int]:

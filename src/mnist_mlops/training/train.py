@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_mlops.config import AugmentParams, Params, Paths
+from mnist_mlops.config import AugmentParams, ForeignParams, Params, Paths, TrainParams
 from mnist_mlops.platform.devices import pick_strategy
 from mnist_mlops.training.prepare import load_split
 
@@ -57,14 +57,14 @@ def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | N
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_model(model, params: Params, steps_per_epoch: int) -> None:
+def compile_model(model, params: TrainParams, steps_per_epoch: int) -> None:
     import keras
 
-    lr = params.train.learning_rate
-    if params.train.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=params.train.epochs * steps_per_epoch)
+    lr = params.learning_rate
+    if params.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=params.epochs * steps_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=params.train.jit_compile)
+                  metrics=["accuracy"], jit_compile=params.jit_compile)
 
 
 def epoch_callback(total_epochs: int, history_rows: list[dict]):
@@ -121,19 +121,19 @@ def save_atomic(model, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def foreign_digits(params: Params, paths: Paths) -> tuple[np.ndarray, np.ndarray, float] | None:
+def foreign_digits(params: ForeignParams, paths: Paths) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The training families' printed and stroke-drawn digits (the `foreign` stage's), normalised,
     with the share of each batch they make up; None when `foreign.train_share` is 0."""
     from mnist_mlops.errors import UserError
     from mnist_mlops.preprocess import normalize
 
-    if not params.foreign.train_share:
+    if not params.train_share:
         return None
     try:
         x, y = np.load(paths.foreign / "train_x.npy"), np.load(paths.foreign / "train_y.npy")
     except FileNotFoundError:
         raise UserError(f"no foreign training digits in {paths.foreign}: run `dvc repro foreign`") from None
-    return normalize(x), y, params.foreign.train_share
+    return normalize(x), y, params.train_share
 
 
 def fit(params: Params, paths: Paths, callbacks: list | None = None):
@@ -145,11 +145,11 @@ def fit(params: Params, paths: Paths, callbacks: list | None = None):
     batch = params.train.batch_size
     with pick_strategy().scope():
         model = build_model(params.model, seed=params.train.seed)
-        compile_model(model, params, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
+        compile_model(model, params.train, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
     rows: list[dict] = []
     model.fit(
         dataset(train.x, train.y, batch, shuffle_seed=params.train.seed, augment=params.augment,
-                mix=foreign_digits(params, paths)),
+                mix=foreign_digits(params.foreign, paths)),
         validation_data=dataset(val.x, val.y, batch, shuffle_seed=None),
         epochs=params.train.epochs,
         callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
