@@ -407,4 +407,7 @@ def serving_schedule(project: Project, port: int, log: Path, when: list[str]) ->
     from helpers import BIN, start_server
 
     cmd = [str(BIN / "mnist-mlops"), "schedule", *when, "--port", str(port), "--no-package", "--lock-wait", "0"]
-    return start_server(cmd, project.root, project.env, log, f"http://127.0.0.1:{port}/api/health", timeout=300)
+    # Its own Prefect server on PORT, as on a laptop (not the suite's shared one: the loop's
+    # deployments would outlive the test there, under the names the schedule test deploys).
+    env = {k: v for k, v in project.env.items() if k != "PREFECT_API_URL"}
+    return start_server(cmd, project.root, env, log, f"http://127.0.0.1:{port}/api/health", timeout=300)
