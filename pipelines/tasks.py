@@ -153,13 +153,16 @@ def promote(root: str, min_accuracy: float) -> Promoted:
     from mnist_mlops import registry
     from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.training import foreign
+    from mnist_mlops.training.evaluate import TAG_MODEL_URI, training_run
     from mnist_mlops.training.prepare import feedback_slice, test_split
     from mnist_mlops.training.robustness import gate_slice
 
     paths = Paths(Path(root))
     setup_mlflow(paths.root)
     evaluated = json.loads(paths.evaluated.read_text())
-    version = registry.register(evaluated["run_id"], evaluated["model_uri"], evaluated["weights_md5"],
+    run = training_run(evaluated["weights_md5"], logged=True)
+    run_id = run.info.run_id
+    version = registry.register(run_id, run.data.tags[TAG_MODEL_URI], evaluated["weights_md5"],
                                 evaluated["version_tags"])
     params = load_params(paths.root)
     test, fb, robust = test_split(paths, params), feedback_slice(paths, params), gate_slice(paths, params)
@@ -168,7 +171,7 @@ def promote(root: str, min_accuracy: float) -> Promoted:
                              {"feedback": (fb.x, fb.y), "robust": (robust.x, robust.y), "foreign": (alien.x, alien.y)},
                              tolerances={"robust": params.evaluate.max_robust_drop,
                                          "foreign": params.evaluate.max_foreign_drop})
-    registered = {"model": evaluated["model"], "version": version, "run_id": evaluated["run_id"],
+    registered = {"model": evaluated["model"], "version": version, "run_id": run_id,
                   **{k: evaluated.get(k) for k in REGISTERED_METRICS}}
     paths.registered.write_text(json.dumps(registered, indent=2) + "\n")
     result = Promoted(**registered, promoted=decision.promoted, reason=decision.reason, changed=decision.changed,

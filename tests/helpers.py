@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -404,3 +405,27 @@ def npz_bytes(digits) -> bytes:
     np.savez(buf, x_train=digits.images[:n], y_train=digits.labels[:n],
              x_test=digits.images[n:], y_test=digits.labels[n:])
     return buf.getvalue()
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries `MNIST_MLOPS_TEST_MARKER=marker`: every descendant of a
+    command we started with it, wherever it moved (its own session, reparented to init)."""
+    pids = []
+    needle = f"MNIST_MLOPS_TEST_MARKER={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_all(marker: str) -> None:
+    for pid in processes_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

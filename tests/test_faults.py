@@ -149,7 +149,7 @@ def test_sigkill_mid_training_keeps_champion_bento_and_data(trained_project: Pro
     version = client.get_model_version(MODEL_NAME, "2")
     run = client.get_run(version.run_id)
     recorded = [out, *run.data.params.values(), *run.data.tags.values(), *version.tags.values(),
-                *[(copy.root / "artifacts" / n).read_text() for n in ("registered.json", "model/run.json")]]
+                *[(copy.root / "artifacts" / n).read_text() for n in ("registered.json", "evaluated.json")]]
     for secret in secret_env.values():
         assert not [text for text in recorded if secret in text], f"{secret[:6]}… leaked"
 

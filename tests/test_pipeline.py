@@ -71,7 +71,7 @@ def test_first_run_records_run_model_and_champion(trained_project: Project,
     assert trained_project.run("git", "status", "--porcelain", "data.dvc").stdout == ""
 
 
-def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> None:
+def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path, browser) -> None:
     # `dvc status`, not `dvc repro`: a stale stage must fail this test, not retrain the shared project
     status = trained_project.run("dvc", "status")
     assert "up to date" in status.stdout, status.stdout
@@ -87,6 +87,20 @@ def test_dvc_sees_the_flow_results(trained_project: Project, tmp_path: Path) -> 
         "learning_curves.png", "confusion_matrix.png", "misclassified.png", "conv_filters.png", "robustness.png"}
     assert all((out / i).is_file() for i in images)
     assert not re.search(r"(src|href)=\S*https?:", html) and "<script" not in html, html[:2000]
+    # ... and it does: headless Chromium with its network off draws every figure from the files
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                            {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        browser.get((out / "index.html").as_uri())
+        drawn = browser.execute_script(
+            "return [...document.images].map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth])")
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                                {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    assert len(drawn) == 5 and all(ok and width >= 100 for ok, width in drawn), drawn
+    assert fetched and all(url.startswith("file://") for url in fetched), fetched
 
 
 def test_rerun_with_nothing_changed_trains_nothing(trained_project: Project, prefect_server: str,
@@ -149,16 +163,22 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     prepare(paths, params)
     foreign.stage(params, paths)
     test = load_split(paths.prepared, "test")
-    from mnist_mlops.training.train import fit
+    from mnist_mlops.model_file import save_keras
+    from mnist_mlops.training.train import fit, write_history
 
-    scores, weights = [], []
-    for _ in range(2):
+    scores, weights, files = [], [], []
+    for i in range(2):
         model, rows = fit(params, paths)
         scores.append(score(probabilities(model, test.x), test.y))
         weights.append(model.get_weights())
         assert len(rows) == 1
+        save_keras(model, tmp_path / f"run{i}" / "model.keras")
+        write_history(rows, tmp_path / f"run{i}" / "history.csv")
+        files.append([(tmp_path / f"run{i}" / name).read_bytes() for name in ("model.keras", "history.csv")])
     assert scores[0] == scores[1]
     assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+    # what DVC records of the train stage is the same bytes too: a rerun leaves dvc.lock as it was
+    assert files[0] == files[1]
 
 
 def test_run_summary_written_for_dvc(trained_project: Project) -> None:
@@ -181,23 +201,34 @@ def test_run_summary_written_for_dvc(trained_project: Project) -> None:
     assert dvc_metrics["test_accuracy"] == pytest.approx(logged["test_accuracy"], abs=1e-9)
     assert dvc_metrics["test_loss"] == pytest.approx(logged["test_loss"], abs=1e-9)
     assert f"{dvc_metrics['test_accuracy']:.6f}" == champion.tags["test_accuracy"]
-    per_class = dvc_metrics["per_class"]
+    assert dvc_metrics["foreign_worst_class"] == pytest.approx(logged["foreign_worst_class"], abs=1e-9)
+    details = {name: json.loads((trained_project.root / "reports" / f"{name}.json").read_text())
+               for name in ("per_class", "robustness", "foreign", "feedback")}
+    per_class = details["per_class"]
     assert {"precision_0", "recall_9", "f1_5"} <= set(per_class)
     assert per_class == {k: round(v, 4) for k, v in logged.items() if k.startswith(("precision_", "recall_", "f1_"))}
     # the robustness slice: its mean and one metric per corruption, in DVC as in MLflow
     assert dvc_metrics["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
     assert registered["robust_accuracy"] == pytest.approx(logged["robust_accuracy"], abs=1e-9)
-    assert dvc_metrics["robustness"] == {name: round(logged[f"robust_{name}"], 4) for name in NAMES}
+    assert details["robustness"] == {name: round(logged[f"robust_{name}"], 4) for name in NAMES}
     # the foreign slice: overall, per source, per class, the worst class; in DVC, MLflow, the version
     assert dvc_metrics["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
     assert registered["foreign_accuracy"] == pytest.approx(logged["foreign_accuracy"], abs=1e-9)
-    assert {"printed", "stroke", "worst_class", "class_1"} <= set(dvc_metrics["foreign"])
-    assert dvc_metrics["foreign"]["worst_class"] == round(min(logged[f"foreign_class_{d}"] for d in range(10)), 4)
-    assert {"Caladea", "Hershey triplex"} <= set(dvc_metrics["foreign"]["families"]) <= {
+    assert {"printed", "stroke", "worst_class", "class_1"} <= set(details["foreign"])
+    assert details["foreign"]["worst_class"] == round(min(logged[f"foreign_class_{d}"] for d in range(10)), 4)
+    assert {"Caladea", "Hershey triplex"} <= set(details["foreign"]["families"]) <= {
         f.name for f in foreign.families("test")}  # the test families only (20 digits: not all of them)
+    logged_feedback = {k.removeprefix("feedback_"): v for k, v in logged.items() if k.startswith("feedback_")}
+    assert details["feedback"] == logged_feedback
+    assert details["feedback"]["digits"] == 0
     assert f"{dvc_metrics['foreign_accuracy']:.6f}" == champion.tags["foreign_accuracy"]
     assert f"foreign accuracy {champion.tags['foreign_accuracy']}" in champion.description
     assert "foreign accuracy" in trained_project.first_run_output
+    # the headline reads in a terminal: one row of the five numbers (no per-class or per-corruption maps)
     table = trained_project.run("dvc", "metrics", "show").stdout
-    assert "robust_accuracy" in table and "robustness.thick_2" in table
-    assert "foreign_accuracy" in table and "foreign.worst_class" in table
+    header = table.splitlines()[0].split()
+    assert header == ["Path", "foreign_accuracy", "foreign_worst_class", "robust_accuracy", "test_accuracy",
+                      "test_loss"], table
+    assert max(map(len, table.splitlines())) <= 120, table
+    detail = trained_project.run("dvc", "metrics", "show", "reports/robustness.json").stdout
+    assert "thick_2" in detail and "jpeg_8" in detail

@@ -19,34 +19,11 @@ from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
 from pipelines.training import SKIPPED
 
-from helpers import BIN, SMALL_MODEL, click_text, page_text, wait_text
+from helpers import BIN, SMALL_MODEL, click_text, kill_all, page_text, processes_with, wait_text
 
 pytestmark = pytest.mark.slow
 
 INTERVAL = 10  # seconds: short enough that a second (late) run follows the first at once
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose environment carries `marker`: every descendant of a command we started."""
-    pids = []
-    needle = f"MNIST_MLOPS_TEST_MARKER={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def kill_all(marker: str) -> None:
-    for pid in processes_with(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def flow_runs(api: str, deployment: str) -> list[dict]:
@@ -63,7 +40,6 @@ def summary_of(api: str, flow_run_id: str) -> str:
     resp.raise_for_status()
     found = resp.json()
     return found[0]["data"] if found else ""
-
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, what: str):

@@ -284,6 +284,9 @@ def parse_duration(text: str, option: str) -> float:
     return float(match[1]) * _UNITS[match[2] or "s"]
 
 
+METRIC_DETAILS = ("robustness", "foreign", "per_class", "feedback")  # reports/<name>.json, the evaluate stage's
+
+
 class Paths:
     """Where each step reads and writes, relative to the project root."""
 
@@ -298,7 +301,8 @@ class Paths:
         self._place_train_outputs(self.artifacts / "model", self.root / "reports")
         self.evaluated = self.artifacts / "evaluated.json"  # the evaluate stage's output: the logged model
         self.registered = self.artifacts / "registered.json"  # the promote step's: its registered version
-        self.metrics = self.reports / "metrics.json"
+        self.metrics = self.reports / "metrics.json"  # the headline; the tables behind it beside it
+        self.metric_details = {name: self.reports / f"{name}.json" for name in METRIC_DETAILS}
         self.confusion = self.reports / "confusion.csv"
         self.lock = self.root / ".mnist-mlops.lock"
         # the labelled digits (mnist_mlops.records.feedback) and what the service answered ($FEEDBACK_ENV,
@@ -310,10 +314,9 @@ class Paths:
 
 
     def _place_train_outputs(self, model_dir: Path, reports: Path) -> None:
-        """Where the train step writes: the model, its run.json, the history and the figures."""
+        """Where the train step writes: the model, the history and the figures."""
         self.model_dir = model_dir
         self.model_file = model_dir / "model.keras"
-        self.train_run = model_dir / "run.json"
         self.reports = reports
         self.history = reports / "history.csv"
         self.figures = reports / "figures"

@@ -13,6 +13,7 @@ import numpy as np
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME
 from mnist_mlops.errors import UserError
+from mnist_mlops.model_file import TAG_WEIGHTS  # one version per trained model
 
 TAG_DECISION = "gate.decision"
 TAG_REASON = "gate.reason"
@@ -27,7 +28,6 @@ MODEL_DESCRIPTION = (
     "say what was decided and why. `mnist-mlops promote` / `rollback` move the alias by hand."
 )
 TAG_FLOOR = "gate.min_accuracy"  # the floor a decision was made under: a new floor re-gates
-TAG_WEIGHTS = "model.weights_md5"  # md5 of the trained model file: one version per trained model
 TOLERANCES = {"robust": "evaluate.max_robust_drop", "foreign": "evaluate.max_foreign_drop"}  # slice -> its param
 
 

@@ -241,7 +241,7 @@ def candidate_from_run(run, index: int, overrides: list[str]) -> Candidate:
 
 
 def fetch_outputs(root: Path, run_id: str, workdir: Path) -> Path:
-    """The winner's model, run.json, history and curves from its MLflow run, laid out as its
+    """The winner's model, history and curves from its MLflow run, laid out as its
     work dir was on the worker (`candidate_paths`)."""
     import mlflow
 
@@ -249,7 +249,7 @@ def fetch_outputs(root: Path, run_id: str, workdir: Path) -> Path:
 
     setup_mlflow(root)
     paths = candidate_paths(root, workdir)
-    for artifact, dest in ((f"{OUTPUTS}/model.keras", paths.model_file), (f"{OUTPUTS}/run.json", paths.train_run),
+    for artifact, dest in ((f"{OUTPUTS}/model.keras", paths.model_file),
                            ("reports/history.csv", paths.history),
                            ("figures/learning_curves.png", paths.figures / "learning_curves.png")):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -274,12 +274,11 @@ def use_cpu_share() -> None:
 
 
 def upload_outputs(paths: Paths, run_id: str) -> None:
-    """Log the model and run.json to the child run: the parent may be on another machine."""
+    """Log the model to the child run: the parent may be on another machine."""
     import mlflow
 
     client = mlflow.MlflowClient()
     client.log_artifact(run_id, str(paths.model_file), OUTPUTS)
-    client.log_artifact(run_id, str(paths.train_run), OUTPUTS)
 
 
 def val_slices_accuracy(paths: Paths, run_id: str) -> tuple[float, float]:

@@ -15,7 +15,8 @@ import numpy as np
 
 from mnist_mlops.config import MODEL_NAME, Params, Paths
 from mnist_mlops.digit_features import REFERENCE_DIGITS, REFERENCE_FILE, feature_arrays
-from mnist_mlops.registry import TAG_WEIGHTS
+from mnist_mlops.errors import UserError
+from mnist_mlops.model_file import TAG_WEIGHTS, file_md5
 from mnist_mlops.scoring import load_keras, probabilities, score
 from mnist_mlops.training.prepare import FEEDBACK_INFO, FEEDBACK_SPLIT, load_split
 
@@ -138,10 +139,23 @@ def log_model(model, x_example: np.ndarray, probs: np.ndarray, weights_md5: str)
     return info.model_uri
 
 
-def file_md5(path: Path) -> str:
-    import hashlib
+def training_run(weights_md5: str, logged: bool = False):
+    """The newest MLflow run that trained the model file with this md5 (the train stage tags it),
+    with its model logged by evaluate when `logged`. Found by content rather than written beside
+    the model: the train stage's output stays reproducible, and a model DVC restores from its
+    cache still finds the run that trained it."""
+    import mlflow
 
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    from mnist_mlops.platform.tracking import EXPERIMENT
+
+    query = f"tags.`{TAG_WEIGHTS}` = '{weights_md5}'" + (f" and tags.`{TAG_MODEL_URI}` != ''" if logged else "")
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    if not runs:
+        what = "logged the model" if logged else "trained the model"
+        raise UserError(f"no MLflow run in {mlflow.get_tracking_uri()} {what} with md5 {weights_md5}: "
+                        "run `mnist-mlops run` to train it here")
+    return runs[0]
 
 
 def monitoring_reference(paths: Paths, test_probs: np.ndarray, out: Path) -> Path:
@@ -170,18 +184,23 @@ def version_tags(result, robust: dict, foreign: dict, fb_metrics: dict, fb_tags:
                if "feedback_accuracy" in fb_metrics else {})}
 
 
-def metrics_summary(result, metrics: dict, robust: dict, foreign: dict, families, fb_metrics: dict) -> dict:
-    """reports/metrics.json, what `dvc metrics show` compares: test, robustness, foreign, feedback, per class."""
-    return {"test_loss": result.loss if result.finite else None, "test_accuracy": result.accuracy,
+def metrics_summary(result, foreign: dict, robust: dict, fb_metrics: dict) -> dict:
+    """reports/metrics.json, the headline `dvc metrics show` compares in one terminal-wide row."""
+    return {"test_accuracy": result.accuracy, "test_loss": result.loss if result.finite else None,
             "robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
-            "finite_outputs": result.finite,
-            **fb_metrics,
-            "robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items()
-                           if k != "robust_accuracy"},
+            "foreign_worst_class": foreign["foreign_worst_class"],
+            **({"feedback_accuracy": fb_metrics["feedback_accuracy"]} if "feedback_accuracy" in fb_metrics else {})}
+
+
+def metric_details(metrics: dict, robust: dict, foreign: dict, families: dict, fb_metrics: dict) -> dict[str, dict]:
+    """The tables behind the headline, a file each (`dvc metrics show reports/robustness.json`):
+    accuracy per corruption, per foreign source, class and family, per-class precision/recall/F1
+    on the test split, and the feedback slice's size."""
+    return {"robustness": {k.removeprefix("robust_"): round(v, 4) for k, v in robust.items() if k != "robust_accuracy"},
             "foreign": {k.removeprefix("foreign_"): round(v, 4) for k, v in foreign.items()
                         if k != "foreign_accuracy"} | {"families": families},
-            "per_class": {k: round(v, 4) for k, v in metrics.items()
-                          if k.startswith(("precision_", "recall_", "f1_"))}}
+            "per_class": {k: round(v, 4) for k, v in metrics.items() if k.startswith(("precision_", "recall_", "f1_"))},
+            "feedback": {k.removeprefix("feedback_"): v for k, v in fb_metrics.items()}}
 
 
 def evaluate(params: Params, paths: Paths) -> dict:
@@ -207,8 +226,9 @@ def evaluate(params: Params, paths: Paths) -> dict:
     fb_metrics, fb_tags = feedback_metrics(model, paths)
     metrics |= fb_metrics
 
-    run_id = json.loads(paths.train_run.read_text())["run_id"]
     setup_mlflow(paths.root)
+    weights = file_md5(paths.model_file)
+    run_id = training_run(weights).info.run_id
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         mlflow.set_tag("model.finite_outputs", str(result.finite).lower())
@@ -219,16 +239,17 @@ def evaluate(params: Params, paths: Paths) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(monitoring_reference(paths, probs, Path(tmp) / REFERENCE_FILE)), "monitoring")
         tags = version_tags(result, robust, foreign, fb_metrics, fb_tags, run.data.tags.get("data.md5", "untracked"))
-        weights = file_md5(paths.model_file)
         model_uri = log_model(model, test.x, probs, weights)
-    summary = metrics_summary(result, metrics, robust, foreign, families, fb_metrics)
-    paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    evaluated = ({"model": MODEL_NAME, "run_id": run_id, "model_uri": model_uri, "weights_md5": weights,
-                  "version_tags": tags} | asdict(result)
+    paths.metrics.write_text(json.dumps(metrics_summary(result, foreign, robust, fb_metrics), indent=2) + "\n")
+    for name, table in metric_details(metrics, robust, foreign, families, fb_metrics).items():
+        paths.metric_details[name].write_text(json.dumps(table, indent=2) + "\n")
+    # No run id or model URI in the stage's output (reproducible, for dvc.lock): promote finds
+    # them by the model's md5 (`training_run(..., logged=True)`).
+    evaluated = ({"model": MODEL_NAME, "weights_md5": weights, "version_tags": tags} | asdict(result)
                  | {"robust_accuracy": robust["robust_accuracy"], "foreign_accuracy": foreign["foreign_accuracy"],
                     "foreign_worst_class": foreign["foreign_worst_class"]})
     paths.evaluated.write_text(json.dumps(evaluated, indent=2) + "\n")
-    return evaluated
+    return evaluated | {"run_id": run_id, "model_uri": model_uri}
 
 
 def stage(params: Params, paths: Paths) -> str:

@@ -164,8 +164,7 @@ def install(root: Path, winner: Candidate) -> list[str]:
     paths = Paths(root)
     changed = write_params(root, winner.overrides)
     src = candidate_paths(root, Path(winner.workdir))
-    moves = [(src.model_file, paths.model_file), (src.train_run, paths.train_run),
-             (src.history, paths.history),
+    moves = [(src.model_file, paths.model_file), (src.history, paths.history),
              (src.figures / "learning_curves.png", paths.figures / "learning_curves.png")]
     for a, b in moves:
         b.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -95,30 +94,11 @@ def epoch_callback(total_epochs: int, history_rows: list[dict]):
 
 def write_history(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+    keys = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]  # no seconds: a stage output is reproducible
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def save_atomic(model, path: Path) -> None:
-    """Save to a temp file then rename: a crash mid-save never leaves a half model.
-
-    A failed write (disk full, read-only, no permission) leaves the previous model file
-    as it was, removes the temp file and is reported in one line.
-    """
-    from mnist_mlops.errors import UserError
-
-    tmp = path.with_name(f".{path.stem}-{os.getpid()}.keras")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot save the model to {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def foreign_digits(params: ForeignParams, paths: Paths) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -184,6 +164,7 @@ def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> s
     (with `tags` beside the lineage tags: a sweep candidate says where it trains)."""
     import mlflow
 
+    from mnist_mlops.model_file import TAG_WEIGHTS, file_md5, save_keras
     from mnist_mlops.platform.tracking import (
         PARENT_RUN_ENV,
         SYSTEM_METRICS_INTERVAL_S,
@@ -205,13 +186,12 @@ def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> s
         mlflow.log_params(params.flat())
         log_datasets(paths)
         model, rows = fit(params, paths)
-        save_atomic(model, paths.model_file)
+        save_keras(model, paths.model_file)
+        mlflow.set_tag(TAG_WEIGHTS, file_md5(paths.model_file))  # how evaluate and promote find this run
         write_history(rows, paths.history)
         figure = learning_curves(rows, paths.figures / "learning_curves.png")
         mlflow.log_artifact(str(figure), "figures")
         mlflow.log_artifact(str(paths.history), "reports")
-        info = {"run_id": run.info.run_id, "epochs": len(rows)}
-        paths.train_run.write_text(json.dumps(info, indent=2) + "\n")
     return run.info.run_id
 
 
