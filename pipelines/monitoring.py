@@ -16,9 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from mnist_mlops.config import Paths, load_params
+from mnist_mlops.platform.tracking import MONITORING_EXPERIMENT as EXPERIMENT
 from pipelines.tasks import quiet_user_error_tracebacks, summary_markdown
-
-EXPERIMENT = "mnist-monitoring"
 
 
 @task(name="check")

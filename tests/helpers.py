@@ -28,8 +28,8 @@ from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
            "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
-           "Server", "copy_project", "free_port", "log_keras", "make_project", "npz_bytes", "postgres_cluster",
-           "serving",
+           "Server", "copy_project", "free_port", "kill_all", "log_keras", "make_project", "npz_bytes",
+           "postgres_cluster", "processes_with", "serving",
            "start_server", "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 This module is the map of the commands, in the order `--help` lists them; they live by role in
 `mnist_mlops.commands`: `flows` (run, sweep, monitor, schedule, prefect-ui), `models` (fetch,
-verify, promote, rollback, ui, package, serve, predict) and `feedback`; `common` holds what they
+verify, promote, rollback, ui, package, serve, predict, trace) and `feedback`; `common` holds what they
 share.
 """
 
@@ -40,7 +40,7 @@ def options(
 
 
 for command in (flows.run, flows.monitor, models.fetch, models.verify, models.promote, models.rollback, models.ui,
-                models.package, models.serve, models.predict):
+                models.package, models.serve, models.predict, models.trace):
     app.command()(command)
 app.add_typer(feedback.app, name="feedback")
 app.command()(flows.schedule)

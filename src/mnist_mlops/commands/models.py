@@ -1,5 +1,5 @@
 """The commands on data, models and the service: fetch, verify, promote, rollback, the MLflow UI,
-package, serve, predict."""
+package, serve, predict, trace."""
 
 from __future__ import annotations
 
@@ -199,3 +199,39 @@ def predict(
     console.print(table)
     if any(a.error for a in answers):
         raise typer.Exit(1)
+
+
+def trace(
+    prediction_id: Annotated[str | None, typer.Argument(help="A prediction id, as /predict returned it.")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Trace this model version instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON (for machines).")] = False,
+    html_file: Annotated[Path | None, typer.Option("--html", help="Also write the card as an HTML page.")] = None,
+    mlflow_ui: Annotated[str | None, typer.Option(help="The MLflow UI the links open [default: the tracking "
+                                                       "server, else `mnist-mlops ui`'s 127.0.0.1:5000]")] = None,
+    prefect_ui: Annotated[str | None, typer.Option(help="The Prefect UI the links open [default: PREFECT_API_URL's "
+                                                        "server, else http://127.0.0.1:4200]")] = None,
+) -> None:
+    """Why did the service say that? One answer (or model version) back to its data, code,
+    labels and decisions, with the links that open each."""
+    import json
+
+    from mnist_mlops.config import Paths
+    from mnist_mlops.lineage.card import Links, prediction_card, version_card
+    from mnist_mlops.lineage.render import for_json, html_card, print_card
+    from mnist_mlops.platform.tracking import setup_mlflow
+
+    if (prediction_id is None) == (version is None):
+        raise UserError("give a PREDICTION_ID or --version N (one of them)")
+    root = project_dir()
+    paths, found = Paths(root), Links.from_env(setup_mlflow(root))
+    links = Links((mlflow_ui or found.mlflow).rstrip("/"), (prefect_ui or found.prefect).rstrip("/"))
+    card = (prediction_card(paths.prediction_log, paths.feedback, prediction_id, links) if prediction_id
+            else {"model": version_card(version, links)})
+    if html_file:
+        html_file.write_text(html_card(card))
+    if as_json:
+        sys.stdout.write(json.dumps(for_json(card), indent=2) + "\n")
+    else:
+        print_card(card)
+        if html_file:
+            console.print(f"card written to {html_file}")

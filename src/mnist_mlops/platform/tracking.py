@@ -11,6 +11,7 @@ from mnist_mlops.config import MODEL_NAME, Paths, tracking_uri
 from mnist_mlops.errors import UserError
 
 EXPERIMENT = MODEL_NAME
+MONITORING_EXPERIMENT = "mnist-monitoring"  # the monitor's checks, one run per window
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 SYSTEM_METRICS_INTERVAL_S = 5  # CPU, memory (GPU on GPU hosts) while training; MLflow's default is 10

@@ -1,4 +1,5 @@
-"""The routes beside the BentoML APIs, in one Starlette app: GET /model, POST /feedback, /ui/.
+"""The routes beside the BentoML APIs, in one Starlette app: GET /model, POST /feedback,
+GET /predictions/{id} (a prediction's lineage card), /ui/.
 
 POST /feedback stores a person's label for an earlier prediction: every label of a request
 or none (`FeedbackIntake.store`), the digit copied from the prediction log into the feedback
@@ -77,6 +78,31 @@ class FeedbackIntake:
         return 200, {"stored": len(records),
                      "items": [{k: r[k] for k in ("prediction_id", "label", "predicted")} for r in records]}
 
+    def card(self, prediction_id: str) -> tuple[int, dict]:
+        if self.log is not None:
+            self.log.flush()  # an answer given a moment ago is in the log
+        return prediction_card(self.log_dir, self.feedback_store.directory, prediction_id)
+
+
+def prediction_card(log_dir: Path, feedback_dir: Path, prediction_id: str) -> tuple[int, dict]:
+    """GET /predictions/{id}: the lineage card as JSON (the digit as a PNG data URL); 400 for
+    what is not an id, 404 for an id neither the log nor the labels know."""
+    from mnist_mlops.lineage import card, render
+
+    try:
+        import mlflow
+
+        links = card.Links.from_env(mlflow.get_tracking_uri())
+    except ImportError:  # a Bento image without MLflow: the card's model part says it cannot be read
+        links = card.Links.from_env("")
+    try:
+        found = card.prediction_card(log_dir, feedback_dir, prediction_id, links)
+    except card.BadPredictionId as exc:
+        return 400, error_body(400, "bad_prediction_id", str(exc), "prediction_id")
+    except card.UnknownPrediction as exc:
+        return 404, error_body(404, "unknown_prediction", str(exc), "prediction_id")
+    return 200, render.for_json(found)
+
 
 def extra_app(max_feedback_items: int = DEFAULTS.max_feedback_items):
     """GET /model, POST /feedback and the static drawing page at /ui/ (the service instance's)."""
@@ -89,6 +115,11 @@ def extra_app(max_feedback_items: int = DEFAULTS.max_feedback_items):
     async def model_info(_request):
         return JSONResponse(bentoml.get_current_service().model_info().model_dump())
 
+    async def lineage(request):
+        status, body = await asyncio.to_thread(bentoml.get_current_service().intake.card,
+                                               request.path_params["prediction_id"])
+        return JSONResponse(body, status_code=status)
+
     async def take_feedback(request):
         try:
             labels = parse_feedback(await request.body(), max_feedback_items)
@@ -99,6 +130,7 @@ def extra_app(max_feedback_items: int = DEFAULTS.max_feedback_items):
 
     routes = [Route("/model", model_info, methods=["GET"]),
               Route("/feedback", take_feedback, methods=["POST"]),
+              Route("/predictions/{prediction_id}", lineage, methods=["GET"]),
               Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"])]
     if UI_DIR.is_dir():
         routes.append(Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"))

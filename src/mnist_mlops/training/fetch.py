@@ -50,7 +50,16 @@ def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path,
     if not len(examples):
         return base, None, kept, screened
     digits = Digits(np.concatenate([base.images, examples.images]), np.concatenate([base.labels, examples.labels]))
-    return digits, {"base": len(base.labels), "count": len(examples), "newest": examples.newest}, kept, screened
+    meta = {"base": len(base.labels), "count": len(examples), "newest": examples.newest,
+            "labels": [label_entry(r) for r in examples.records]}
+    return digits, meta, kept, screened
+
+
+def label_entry(record: dict) -> dict:
+    """A labelled digit as its data version lists it, in row order after the base digits: what
+    `mnist-mlops trace` matches a prediction's label against (the training run logs the list)."""
+    origin = {k: record[k] for k in ("prediction_id", "file") if record.get(k)}
+    return {"sha": record["sha"], "label": int(record["label"]), "time": record["time"], **origin}
 
 
 def fetch(params: Params, paths: Paths) -> FetchResult:

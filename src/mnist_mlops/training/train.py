@@ -62,7 +62,8 @@ def compile_model(model, params: TrainParams, steps_per_epoch: int) -> None:
     lr = params.learning_rate
     if params.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=params.epochs * steps_per_epoch)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+    # named: Keras numbers a second optimizer of the process `adam_1`, and the saved bytes would differ
+    model.compile(optimizer=keras.optimizers.Adam(lr, name="adam"), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=params.jit_compile)
 
 
@@ -146,6 +147,7 @@ def log_datasets(paths: Paths) -> None:
     import mlflow
 
     from mnist_mlops.platform.versioning import dvc_md5, remote_url
+    from mnist_mlops.training.data import FEEDBACK_FILE
 
     md5 = (dvc_md5(paths.data_dvc) or "untracked").removesuffix(".dir")
     remote = remote_url(paths.root)
@@ -157,6 +159,8 @@ def log_datasets(paths: Paths) -> None:
             dataset = mlflow.data.from_numpy(data.x, targets=data.y, source=str(paths.data_dvc),
                                              name=f"mnist-{split}", digest=md5[:32])
         mlflow.log_input(dataset, context=context, tags=tags)
+    if (listing := paths.data / FEEDBACK_FILE).exists():  # which labelled digits this data version holds
+        mlflow.log_artifact(str(listing), "data")
 
 
 def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> str:
