@@ -273,8 +273,11 @@ def test_a_prediction_traces_back_to_its_label_data_and_decisions(project: Proje
             assert time.monotonic() < deadline, server.client.get("/model").text
             time.sleep(1)
         again = predict(server, LOOP["fresh"][None])[0]
+        time.sleep(2 * prediction_log.FLUSH_SECONDS + 0.5)  # in the log on disk, where the monitor reads
+        project.cli("monitor", "--since", "30m", "--no-retrain")  # a check of the window it falls in
         second = trace(project, again["prediction_id"], mlflow_ui, tmp_path / "card.html")
         model = second["model"]
+        assert model["links"]["monitoring_run"], model["links"]
         assert (model["version"], model["run_id"], model["champion"]) == ("2", v2.run_id, True)
         assert model["data"]["md5"] == data_md5 and model["data"]["feedback_digits"] == 26
         assert model["data"]["base_digits"] == 5000
@@ -284,7 +287,7 @@ def test_a_prediction_traces_back_to_its_label_data_and_decisions(project: Proje
         links = [url for url in model["links"].values() if url]
         # as a browser opens them (Prefect's UI answers its deep links only to requests for a page)
         statuses = {url: httpx.get(url, headers={"Accept": "text/html"}, timeout=30).status_code for url in links}
-        assert len(links) >= 2 and set(statuses.values()) == {200}, statuses
+        assert len(links) == 3 and set(statuses.values()) == {200}, statuses
         run_api = httpx.get(f"{mlflow_ui}/api/2.0/mlflow/runs/get", params={"run_id": v2.run_id}, timeout=30)
         flow_run = model["links"]["prefect_flow_run"].rsplit("/", 1)[1]
         prefect_api = httpx.get(f"{project.env['PREFECT_API_URL']}/flow_runs/{flow_run}", timeout=30)

@@ -53,3 +53,34 @@ def test_the_html_card_escapes_what_people_wrote_and_links_what_opens() -> None:
     assert '<a href="http://127.0.0.1:5000/#/experiments/1/runs/abc">' in page
     assert "train.epochs=1 (default 24)" in page and "26 labelled by people" in page
     assert "prefect" not in page  # no link where there is no flow run
+
+
+def test_a_prediction_past_the_logs_retention_still_shows_its_label_and_model(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log has moved on (its oldest record is newer than the id), but a label recorded the
+    prediction's answer and model version: the card says so, shows the labelled digit, and
+    goes on to the model version (here one the registry does not have: its error, one line)."""
+    import mlflow
+
+    from mnist_mlops.records import feedback
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    old_id = f"{1_700_000_000_000:012x}" + "ab" * 8  # made in November 2023
+    digit = np.zeros((1, 28, 28), np.uint8)
+    digit[0, 5:20, 10:14] = 200
+    store = feedback.FeedbackStore(tmp_path / "labels")
+    store.add([{"label": 1, "source": "feedback", "prediction_id": old_id, "predicted": 7, "model_version": "7"}],
+              digit)
+    log = prediction_log.PredictionLog(tmp_path / "log", max_mb=1)
+    log.record(prediction_log.new_ids(1), "predict", "1", np.full((1, 10), 0.1), np.zeros((1, 28, 28, 1)))
+    log.close()
+
+    found = card.prediction_card(tmp_path / "log", tmp_path / "labels", old_id, LINKS)
+    assert found["prediction"]["in_log"] is False and "older than its retention" in found["prediction"]["note"]
+    assert np.array_equal(np.asarray(found["prediction"]["image"], np.uint8), digit[0])
+    assert found["label"]["label"] == 1 and found["label"]["state"] == "accepted: waiting for the next data version"
+    assert found["model"]["version"] == "7" and "has no version 7" in found["model"]["error"]
+    rows = render.rows(found)
+    assert ("prediction", "answer", "not in the prediction log") in rows
+    assert ("model v7", "error", found["model"]["error"]) in rows

@@ -156,6 +156,11 @@ def test_requests_without_the_right_key_get_401(secured: Server, digit: list) ->
         assert c.post("/feedback", json=label, headers={"X-API-Key": "wrong"}).status_code == 401
         stored = c.post("/feedback", json=label, headers={"X-API-Key": secured.key})
         assert stored.status_code == 200 and stored.json()["stored"] == 1, stored.text
+        # ... and so is a prediction's lineage card (it shows the digit and the label)
+        card = f"/predictions/{label['prediction_id']}"
+        assert c.get(card).status_code == 401
+        shown = c.get(card, headers={"X-API-Key": secured.key})
+        assert shown.status_code == 200 and shown.json()["label"]["label"] == 3, shown.text
 
 
 def test_health_endpoints_stay_open(secured: Server) -> None:

@@ -161,15 +161,21 @@ def serve(
     port: Annotated[int, typer.Option(help="Port of the prediction service.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     pin: Annotated[str | None, typer.Option(help="Serve this registered version only (no following).")] = None,
+    allow_anonymous_feedback: Annotated[bool, typer.Option(
+        help="Serve beyond loopback without MNIST_MLOPS_API_KEY: anyone can send labels.")] = False,
 ) -> None:
     """Serve the champion over HTTP and follow it: a new champion is swapped in without a restart.
 
-    Ctrl-C stops it. `--pin VERSION` serves one version and watches nothing.
+    Ctrl-C stops it. `--pin VERSION` serves one version and watches nothing. A host other than
+    loopback needs MNIST_MLOPS_API_KEY (or --allow-anonymous-feedback).
     """
     import tempfile
 
     from mnist_mlops.serving.package import serve_command
+    from mnist_mlops.serving.settings import exposure_warning
 
+    if warning := exposure_warning(host, allow_anonymous_feedback):
+        err_console.print(f"[yellow]{warning}[/yellow]", highlight=False, soft_wrap=True)
     root = project_dir()
     # this serve's own /metrics files: a second serve beside it never mixes in or wipes them
     with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-metrics-") as metrics_dir:

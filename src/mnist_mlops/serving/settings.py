@@ -94,3 +94,28 @@ def runtime(args: ServeArgs, environ: Mapping[str, str] = os.environ) -> Runtime
 
 def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(API_KEY_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(host: str, allow_anonymous: bool, environ: Mapping[str, str] = os.environ) -> str | None:
+    """No anonymous writes beyond this machine: a bind other than loopback needs $MNIST_MLOPS_API_KEY
+    (every label sent to /feedback becomes training data), unless the user says so; then the
+    warning to print. None when there is nothing to warn about."""
+    from mnist_mlops.errors import UserError
+
+    if is_loopback(host) or api_key(environ):
+        return None
+    if not allow_anonymous:
+        raise UserError(f"--host {host} serves beyond this machine and /feedback would take training labels from "
+                        f"anyone: set {API_KEY_ENV} (export {API_KEY_ENV}=$(python3 -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))')), or pass --allow-anonymous-feedback")
+    return (f"warning: serving on {host} without {API_KEY_ENV} (--allow-anonymous-feedback): anyone who reaches "
+            "it can predict and send labels that become training data")
