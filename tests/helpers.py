@@ -29,7 +29,7 @@ from mnist_mlops.platform.tracking import TELEMETRY_OFF
 __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
            "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
            "Server", "copy_project", "free_port", "kill_all", "log_keras", "make_project", "npz_bytes",
-           "postgres_cluster", "processes_with", "serving",
+           "left_behind", "postgres_cluster", "processes_with", "serving", "wait_stopped",
            "start_server", "stop_group"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,3 +429,20 @@ def kill_all(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wait_stopped(proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Wait for a signalled command to exit; past `timeout`, fail with the end of its output."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} ignored for {timeout:g} s\n{log.read_text(errors='replace')[-3000:]}") from None
+
+
+def left_behind(proc: subprocess.Popen, marker: str) -> list[int]:
+    """Stop the command's group for good, then the pids of its processes still alive (killed too)."""
+    stop_group(proc, 10)
+    time.sleep(1)
+    left = processes_with(marker)
+    kill_all(marker)
+    return left

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from mnist_mlops.platform.processes import free_port, start_group, stop_group
+from mnist_mlops.platform.processes import free_port, start_group
 
-from helpers import BIN, Project, copy_project, kill_all, processes_with
+from helpers import BIN, Project, copy_project, left_behind, wait_stopped
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -58,17 +57,10 @@ def test_a_signal_while_starting_stops_the_command(project: Project, tmp_path: P
             os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole foreground group
         else:
             proc.send_signal(signum)  # `kill PID`, a timeout: the command alone passes it on
-        try:
-            proc.wait(timeout=STOP_WITHIN)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{command}: {signum.name} {delay} s after the start ignored for {STOP_WITHIN} s\n"
-                                 f"{log.read_text(errors='replace')[-3000:]}") from None
+        wait_stopped(proc, log, STOP_WITHIN, f"{command}: {signum.name} {delay} s after the start")
         took = time.monotonic() - signalled
     finally:
-        stop_group(proc, 10)
-        time.sleep(1)
-        left = processes_with(marker)
-        kill_all(marker)
+        left = left_behind(proc, marker)
     output = log.read_text(errors="replace")
     assert proc.returncode in (0, 130), (command, proc.returncode, took, output[-3000:])
     assert "Traceback" not in output, (command, output[-3000:])

@@ -19,7 +19,17 @@ from mnist_mlops.config import write_params
 from mnist_mlops.platform.processes import start_group, stop_group
 from pipelines.training import SKIPPED
 
-from helpers import BIN, SMALL_MODEL, click_text, kill_all, page_text, processes_with, wait_text
+from helpers import (
+    BIN,
+    SMALL_MODEL,
+    click_text,
+    kill_all,
+    left_behind,
+    page_text,
+    processes_with,
+    wait_stopped,
+    wait_text,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -199,16 +209,9 @@ def test_ctrl_c_right_after_the_banner_stops_the_schedule(project, tmp_path):
                      "the schedule's banner")
             time.sleep(delay)
             os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends the foreground group
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"Ctrl-C {delay} s after the banner ignored for 45 s\n"
-                                     f"{log.read_text(errors='replace')[-3000:]}") from None
+            wait_stopped(proc, log, 45, f"Ctrl-C {delay} s after the banner")
         finally:
-            stop_group(proc, 10)
-            time.sleep(1)
-            left = processes_with(marker)
-            kill_all(marker)
+            left = left_behind(proc, marker)
         output = log.read_text(errors="replace")
         assert proc.returncode == 0 and "schedule stopped" in output, (delay, output[-3000:])
         assert "Traceback" not in output, (delay, output[-3000:])

@@ -80,7 +80,7 @@ def absent_because(log_dir: Path, at: float) -> str:
     oldest = min(filter(None, map(shards.started, shards.shard_stems(log_dir, prediction_log.PREFIX))), default=None)
     if oldest is not None and at < oldest:
         return (f"made {iso(at)}, before the oldest record the prediction log still holds ({iso(oldest)}): "
-                "older than its retention (serve.prediction_log_mb)")
+                "older than its retention (serve.log_max_mb)")
     return f"no answer with this id in {log_dir} and no label for it"
 
 
