@@ -35,16 +35,16 @@ def print_summary(title: str, rows: dict) -> None:
 def with_ui_rows(root: Path, summary: dict) -> dict:
     """Where to look at the run afterwards: the Prefect UI of its flow run, the MLflow UI."""
     from mnist_mlops.config import tracking_uri
-    from mnist_mlops.platform.prefect_server import DEFAULT_UI_PORT
+    from mnist_mlops.lineage.card import Links
     from mnist_mlops.platform.tracking import project_runs_url
 
     rows = dict(summary)
     run_id = rows.pop("Prefect flow run id", None)
-    api = os.environ.get("PREFECT_API_URL")
-    ui = api.rstrip("/").removesuffix("/api") if api else f"http://127.0.0.1:{DEFAULT_UI_PORT}"
-    if run_id:
-        rows["Prefect UI"] = f"{ui}/runs/flow-run/{run_id}" + ("" if api else "  (after `mnist-mlops prefect-ui`)")
     uri = tracking_uri(root)
-    runs = project_runs_url(root, None if uri.startswith("http") else "http://127.0.0.1:5000")
+    links = Links.from_env(uri)  # the same UIs the lineage card links to
+    if run_id:
+        rows["Prefect UI"] = f"{links.prefect}/runs/flow-run/{run_id}" + (
+            "" if os.environ.get("PREFECT_API_URL") else "  (after `mnist-mlops prefect-ui`)")
+    runs = project_runs_url(root, None if uri.startswith("http") else links.mlflow)
     rows["MLflow UI"] = runs if uri.startswith("http") else f"{runs}  (after `mnist-mlops ui`)"
     return rows

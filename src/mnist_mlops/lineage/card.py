@@ -44,9 +44,11 @@ class Links:
 
     @classmethod
     def from_env(cls, tracking_uri: str) -> Links:
+        from mnist_mlops.platform.prefect_server import DEFAULT_UI_PORT
+
         api = os.environ.get("PREFECT_API_URL")
         mlflow = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-        prefect = api.rstrip("/").removesuffix("/api") if api else "http://127.0.0.1:4200"
+        prefect = api.rstrip("/").removesuffix("/api") if api else f"http://127.0.0.1:{DEFAULT_UI_PORT}"
         return cls(mlflow.rstrip("/"), prefect)
 
 
