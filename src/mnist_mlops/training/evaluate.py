@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_mlops import redact
 from mnist_mlops.config import MODEL_NAME, Params, Paths
 from mnist_mlops.digit_features import REFERENCE_DIGITS, REFERENCE_FILE, feature_arrays
 from mnist_mlops.errors import UserError
@@ -153,7 +154,7 @@ def training_run(weights_md5: str, logged: bool = False):
                               order_by=["attributes.start_time DESC"], output_format="list")
     if not runs:
         what = "logged the model" if logged else "trained the model"
-        raise UserError(f"no MLflow run in {mlflow.get_tracking_uri()} {what} with md5 {weights_md5}: "
+        raise UserError(f"no MLflow run in {redact.url(mlflow.get_tracking_uri())} {what} with md5 {weights_md5}: "
                         "run `mnist-mlops run` to train it here")
     return runs[0]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_mlops import redact
 from mnist_mlops.config import AugmentParams, ForeignParams, Params, Paths, TrainParams
 from mnist_mlops.platform.devices import pick_strategy
 from mnist_mlops.training.prepare import load_split
@@ -151,7 +152,7 @@ def log_datasets(paths: Paths) -> None:
 
     md5 = (dvc_md5(paths.data_dvc) or "untracked").removesuffix(".dir")
     remote = remote_url(paths.root)
-    tags = {"dvc.md5": md5, **({"dvc.remote": remote} if remote else {})}
+    tags = {"dvc.md5": md5, **({"dvc.remote": redact.url(remote)} if remote else {})}
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         data = load_split(paths.prepared, split)
         with warnings.catch_warnings():  # MLflow registers its local source class twice and says so
@@ -187,7 +188,7 @@ def train(params: Params, paths: Paths, tags: dict[str, str] | None = None) -> s
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
     with mlflow.start_run(run_name=training_run_name(paths), parent_run_id=parent, log_system_metrics=True,
                           tags={**run_tags(paths, params.data.source), **(tags or {})}) as run:
-        mlflow.log_params(params.flat())
+        mlflow.log_params({k: redact.text(v) if isinstance(v, str) else v for k, v in params.flat().items()})
         log_datasets(paths)
         model, rows = fit(params, paths)
         save_keras(model, paths.model_file)
