@@ -163,6 +163,8 @@ def serve(
     pin: Annotated[str | None, typer.Option(help="Serve this registered version only (no following).")] = None,
     allow_anonymous_feedback: Annotated[bool, typer.Option(
         help="Serve beyond loopback without MNIST_MLOPS_API_KEY: anyone can send labels.")] = False,
+    open_predict: Annotated[bool, typer.Option(
+        help="With MNIST_MLOPS_API_KEY set: /predict and /predict_image need no key (/feedback still does).")] = False,
 ) -> None:
     """Serve the champion over HTTP and follow it: a new champion is swapped in without a restart.
 
@@ -172,10 +174,12 @@ def serve(
     import tempfile
 
     from mnist_mlops.serving.package import serve_command
-    from mnist_mlops.serving.settings import exposure_warning
+    from mnist_mlops.serving.settings import ALLOW_ANONYMOUS_ENV, OPEN_PREDICT_ENV, exposure_warning
 
     if warning := exposure_warning(host, allow_anonymous_feedback):
         err_console.print(f"[yellow]{warning}[/yellow]", highlight=False, soft_wrap=True)
+    os.environ[ALLOW_ANONYMOUS_ENV] = "1" if allow_anonymous_feedback else "0"  # the workers check their bind too
+    os.environ[OPEN_PREDICT_ENV] = "1" if open_predict else "0"
     root = project_dir()
     # this serve's own /metrics files: a second serve beside it never mixes in or wipes them
     with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-metrics-") as metrics_dir:

@@ -11,7 +11,7 @@ import hmac
 import re
 
 from mnist_mlops.config import ServeParams
-from mnist_mlops.serving.settings import api_key
+from mnist_mlops.serving.settings import api_key, open_predict
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/ui"})  # open even with an API key
 FILE_FIELDS = {"/predict_image": {"image"}}  # multipart file fields each endpoint takes
@@ -115,6 +115,7 @@ class Guard:
         self.app = app
         self.max_body = max_body_bytes
         self.api_key = api_key()
+        self.open_predict = open_predict()  # `serve --open-predict`: predictions open, labels keyed
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         key = self.api_key.encode()
@@ -127,7 +128,8 @@ class Guard:
 
     def refusal(self, path: str, headers: dict[bytes, bytes]):
         """The error response for a request refused on its headers alone (None: let it in)."""
-        if self.api_key and not is_open(path) and not self.authorized(headers):
+        needs_key = not is_open(path) and not (self.open_predict and path.rstrip("/") in PREDICTION_ENDPOINTS)
+        if self.api_key and needs_key and not self.authorized(headers):
             resp = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: "
                                   "Bearer <key>' or 'X-API-Key: <key>'", "header")
             resp.headers["WWW-Authenticate"] = "Bearer"

@@ -103,6 +103,7 @@ class MnistClassifier:
 
     def __init__(self) -> None:
         logging.getLogger("mnist_mlops").setLevel(logging.INFO)  # BentoML's root level would hide model swaps
+        settings.refuse_anonymous_exposure(logger)
         self.device = configure_tensorflow()
         self.env = settings.runtime(ARGS)
         self.mode = "follow" if self.env.follow else "pinned"

@@ -12,7 +12,9 @@ the fetch step and the monitor), re-exported under the service's names.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import socket
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ LOG_ON_ENV = "MNIST_MLOPS_LOG_PREDICTIONS"         # "1"/"0", else serve.log_pre
 LOG_MAX_MB_ENV = "MNIST_MLOPS_LOG_MAX_MB"          # else serve.log_max_mb
 FEEDBACK_DIR_ENV = FEEDBACK_ENV                    # the feedback store (else ./feedback)
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"                # set: every path but the open ones needs it
+ALLOW_ANONYMOUS_ENV = "MNIST_MLOPS_ALLOW_ANONYMOUS_FEEDBACK"  # "1": beyond loopback without a key (warns)
+OPEN_PREDICT_ENV = "MNIST_MLOPS_OPEN_PREDICT"      # "1": /predict and /predict_image need no key (the rest do)
 # Benchmarks only: answer without running the model, to measure the HTTP stack's ceiling.
 NOOP_MODEL_ENV = "MNIST_MLOPS_NOOP_MODEL"
 
@@ -105,7 +109,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_warning(host: str, allow_anonymous: bool, environ: Mapping[str, str] = os.environ) -> str | None:
+def exposure_warning(host: str, allow_anonymous: bool, environ: Mapping[str, str] = os.environ,
+                     opt_out: str = "pass --allow-anonymous-feedback", subject: str = "") -> str | None:
     """No anonymous writes beyond this machine: a bind other than loopback needs $MNIST_MLOPS_API_KEY
     (every label sent to /feedback becomes training data), unless the user says so; then the
     warning to print. None when there is nothing to warn about."""
@@ -114,8 +119,55 @@ def exposure_warning(host: str, allow_anonymous: bool, environ: Mapping[str, str
     if is_loopback(host) or api_key(environ):
         return None
     if not allow_anonymous:
-        raise UserError(f"--host {host} serves beyond this machine and /feedback would take training labels from "
-                        f"anyone: set {API_KEY_ENV} (export {API_KEY_ENV}=$(python3 -c 'import secrets; "
-                        "print(secrets.token_urlsafe(32))')), or pass --allow-anonymous-feedback")
-    return (f"warning: serving on {host} without {API_KEY_ENV} (--allow-anonymous-feedback): anyone who reaches "
-            "it can predict and send labels that become training data")
+        key_hint = f"export {API_KEY_ENV}=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        raise UserError(f"{subject or '--host ' + host} serves beyond this machine and /feedback would take "
+                        f"training labels from anyone: set {API_KEY_ENV} ({key_hint}), or {opt_out}")
+    how = opt_out.removeprefix("pass ").removeprefix("set ")
+    return (f"warning: serving on {host} without {API_KEY_ENV} ({how}): anyone who reaches it can predict "
+            "and send labels that become training data")
+
+
+def open_predict(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(OPEN_PREDICT_ENV) == "1"
+
+
+def bound_host(argv: Sequence[str] = sys.argv) -> str | None:
+    """The address this BentoML worker's HTTP socket is bound to, None outside a worker.
+
+    `bentoml serve` binds 0.0.0.0 unless told otherwise (a container always does), and hands
+    each worker the listening socket as `--fd N`: its address is the bind, however it was set.
+    """
+    try:
+        fd = int(argv[list(argv).index("--fd") + 1])
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return str(sock.getsockname()[0])
+    except (ValueError, IndexError, OSError):
+        return None
+
+
+def worker_exposure(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The worker's own check of its bind (a Bento or a container started without `mnist-mlops
+    serve`): the same rule as `serve --host`; raises UserError, or returns the warning."""
+    host = bound_host()
+    if host is None:
+        return None
+    return exposure_warning(host, environ.get(ALLOW_ANONYMOUS_ENV) == "1", environ,
+                            opt_out=f"set {ALLOW_ANONYMOUS_ENV}=1", subject=f"this server, bound to {host},")
+
+
+def refuse_anonymous_exposure(logger) -> None:
+    """In a worker: stop the whole server when it is bound beyond loopback without a key and
+    without the explicit opt-out (one line; the worker's parent, BentoML's process manager,
+    would otherwise restart it forever); warn when opted out."""
+    import signal
+
+    from mnist_mlops.errors import UserError
+
+    try:
+        warning = worker_exposure()
+    except UserError as exc:
+        logger.error("refusing to start: %s", exc)
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(2)
+    if warning:
+        logger.warning("%s", warning)
