@@ -222,7 +222,7 @@ def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
     """The steps every flow starts with: tracking reachable, data/ checked, fetched, versioned.
 
     Call inside a flow, under the pipeline lock. Returns the summary rows they contribute and
-    the counts of labels the fetch step held back (`feedback.Screened`).
+    the counts of labels the fetch step held back (`feedback.Screened`) and accepted (in data/).
     """
     os.environ[FLOW_RUN_ENV] = str(flow_run.get_id() or "none")
     os.environ[TRIGGER_ENV] = str(flow_run.get_parameters().get("trigger") or "manual")  # names the MLflow run
@@ -240,7 +240,7 @@ def versioned_data(root: str, params: Params) -> tuple[dict, dict[str, int]]:
         f"{fetched.feedback} ({fetched.kept} new kept for later: fewer than data.feedback_min_new)",
         **({"labels held back": held} if (held := held_back(fetched.screened)) else {}),
         **({"data check": f"{drift}: restored from the source"} if drift else {}),
-    }, fetched.screened
+    }, {**fetched.screened, "accepted": fetched.feedback}
 
 
 EARLIER = {"promoted": "champion", "rejected": "refused", "rolled_back": "rolled back"}

@@ -44,7 +44,8 @@ def training_flow(root: str = ".", package_bento: bool = True, lock_wait_seconds
 
 @task(name="tag-trigger")
 def tag_trigger(run_id: str, trigger: str, reason: str, screened: dict[str, int]) -> None:
-    """Record on the trained run what started it and why, and which labels its data held back."""
+    """Record on the trained run what started it and why, and which labels its data took and held back
+    (`feedback.accepted`, `feedback.quarantined`, …)."""
     import mlflow
 
     client = mlflow.MlflowClient()

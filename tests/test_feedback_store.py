@@ -2,7 +2,10 @@
 
 The service's side of it (ids, /feedback over HTTP, a SIGKILLed service) is in
 tests/test_feedback.py; here the formats, the crash safety of a torn write, retention, the
-newest-label-wins rule, `feedback_min_new`, and the base test split that never moves.
+newest-label-wins rule, `feedback_min_new`, and the base test split that never moves. Their
+labelled "digits" are random pixels with no champion to read them, so label screening is off
+here (tests/test_screening.py screens with a real champion; tests/test_label_verdicts.py has
+its rules).
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def labelled(store_dir: Path, n: int, seed: int) -> None:
 
 def test_data_grows_with_enough_new_labels_and_the_base_test_split_stays(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    params = validate({"data": {"feedback_min_new": 20}})
+    params = validate({"data": {"screen_labels": False, "feedback_min_new": 20}})
     assert fetch(params, paths).feedback == 0
     assert not (paths.data / "feedback.json").exists()  # no feedback: data/ exactly as before
     prepare(paths, params)
@@ -275,7 +278,7 @@ def test_labels_never_make_the_data_unbalanced_nor_the_pipeline_unrunnable(tmp_p
     """600 labels of one digit would push the sample (500 per class) past data.max_class_imbalance=1.5:
     the class gets only what fits (the oldest labels first), the rest wait, and fetch never fails."""
     paths = Paths(tmp_path)
-    params = validate({"data": {"feedback_min_new": 1, "max_class_imbalance": 1.5}})
+    params = validate({"data": {"screen_labels": False, "feedback_min_new": 1, "max_class_imbalance": 1.5}})
     base = load_sample()
     sevens = np.roll(base.images[base.labels == 7][:300], 3, axis=2)
     store = feedback.FeedbackStore(paths.feedback)
@@ -290,7 +293,7 @@ def test_labels_never_make_the_data_unbalanced_nor_the_pipeline_unrunnable(tmp_p
 
 def test_blank_digits_never_become_data(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    params = validate({"data": {"feedback_min_new": 1}})
+    params = validate({"data": {"screen_labels": False, "feedback_min_new": 1}})
     ink = np.roll(load_sample().images[:3], 3, axis=2)
     blank = np.zeros((2, 28, 28), np.uint8)
     blank[1, 14, 10:14] = 255  # four pixels of ink: a speck, not a digit
@@ -310,7 +313,7 @@ def test_the_stores_are_one_setting_for_the_service_fetch_and_monitor(tmp_path: 
     paths = Paths(tmp_path / "project")
     assert (paths.feedback, paths.prediction_log) == (shared / "labels", shared / "log")
     labelled(shared / "labels", 25, seed=4)
-    params = validate({"data": {"feedback_min_new": 20}})
+    params = validate({"data": {"screen_labels": False, "feedback_min_new": 20}})
     assert new_labels(paths, params) == 25  # the monitor sees what a retrain would add...
     assert fetch(params, paths).feedback == 25  # ... and the fetch step adds it
     assert new_labels(paths, params) == 0

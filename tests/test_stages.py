@@ -20,7 +20,8 @@ PACKAGE = "mnist_mlops"
 # Parameters no DVC stage reads, and who reads them instead.
 NOT_STAGE_INPUTS = {
     **dict.fromkeys(["data.source", "data.mnist_url", "data.mnist_sha256", "data.sha256", "data.retries",
-                     "data.retry_delay_seconds", "data.timeout_seconds", "data.feedback", "data.feedback_min_new"],
+                     "data.retry_delay_seconds", "data.timeout_seconds", "data.feedback", "data.feedback_min_new",
+                     "data.screen_labels", "data.trusted_sources"],
                     "the flow's fetch step (its result, data/, is the prepare stage's dependency)"),
     "evaluate.min_accuracy": "the champion gate, after the stages (a new floor re-gates, it does not re-register)",
     "evaluate.max_robust_drop": "the champion gate, after the stages (it compares with the champion)",

@@ -42,6 +42,10 @@ class DataParams(_Section):
     max_class_imbalance: float = Field(3.0, ge=1.0)
     feedback: bool = True
     feedback_min_new: int = Field(20, ge=0)
+    # Labels are screened by the champion with cleanlab before they become data (training/screening.py);
+    # suspects wait in quarantine for `mnist-mlops feedback review`.
+    screen_labels: bool = True
+    trusted_sources: list[Literal["feedback", "import"]] = Field(default_factory=list)  # accepted unscreened
 
     @field_validator("source")
     @classmethod

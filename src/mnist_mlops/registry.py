@@ -85,15 +85,28 @@ def rescore(version: str, x: np.ndarray, y: np.ndarray):
     return rescore_on(version, {"test": (x, y)})["test"]
 
 
-def rescore_on(version: str, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Load a registered version once and score it on each named (x, y) set that holds digits."""
+def load_version(version: str):
+    """A registered version's Keras model (safe mode: loading never runs code from the file)."""
     import mlflow
 
+    return mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
+                                   load_model_kwargs={"safe_mode": True, "compile": False})
+
+
+def rescore_on(version: str, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Load a registered version once and score it on each named (x, y) set that holds digits."""
     from mnist_mlops.scoring import probabilities, score
 
-    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{version}",
-                                    load_model_kwargs={"safe_mode": True, "compile": False})
+    model = load_version(version)
     return {name: score(probabilities(model, x), y) for name, (x, y) in sets.items() if len(y)}
+
+
+def probabilities_of(version: str, images: np.ndarray) -> np.ndarray:
+    """A registered version's class probabilities for uint8 28×28 digits (N×10)."""
+    from mnist_mlops.preprocess import normalize
+    from mnist_mlops.scoring import probabilities
+
+    return probabilities(load_version(version), normalize(images))
 
 
 def describe_version(version: str, gate_line: str) -> None:

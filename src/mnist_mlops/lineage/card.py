@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_mlops import redact
 from mnist_mlops.config import MODEL_NAME, Params
 from mnist_mlops.errors import UserError
-from mnist_mlops.records import feedback, prediction_log, shards
+from mnist_mlops.records import feedback, prediction_log, shards, verdicts
 
 LISTING = "data/feedback.json"  # the training run's artifact: the labelled digits its data version held
 SCORES = ("test_accuracy", "robust_accuracy", "foreign_accuracy", "foreign_worst_class", "feedback_accuracy")
@@ -47,7 +48,7 @@ class Links:
         from mnist_mlops.platform.prefect_server import DEFAULT_UI_PORT
 
         api = os.environ.get("PREFECT_API_URL")
-        mlflow = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+        mlflow = redact.without_credentials(tracking_uri) if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
         prefect = api.rstrip("/").removesuffix("/api") if api else f"http://127.0.0.1:{DEFAULT_UI_PORT}"
         return cls(mlflow.rstrip("/"), prefect)
 
@@ -64,7 +65,7 @@ def prediction_card(log_dir: Path, feedback_dir: Path, prediction_id: str, links
     record, image = found if found else (None, label[1])
     version = str(record["model_version"] if record else label[0].get("model_version"))
     return {"prediction": prediction_part(prediction_id, at, record, image, log_dir),
-            "label": label_part(label[0] if label else None),
+            "label": label_part(label[0] if label else None, feedback_dir),
             "model": model_part(version, links, at)}
 
 
@@ -113,14 +114,20 @@ def prediction_part(prediction_id: str, at: float, record: dict | None, image: n
                    "top3": [{"digit": int(d), "probability": round(float(probs[d]), 4)} for d in top]}
 
 
-def label_part(record: dict | None) -> dict | None:
-    """The label and what became of it: in which data versions (and model versions) it is used."""
+def label_part(record: dict | None, feedback_dir: Path) -> dict | None:
+    """The label and what became of it: in which data versions (and model versions) it is used,
+    or what the screening (and a person's review) made of it."""
     if record is None:
         return None
     used = versions_holding(record["sha"])
+    verdict = verdicts.read(feedback_dir).get(verdicts.key(record), {})
     part = {"label": int(record["label"]), "time": record["time"], "source": record.get("source"),
-            "used_in": used}
-    if used:
+            "used_in": used, "verdict": verdict.get("verdict")}
+    if verdict.get("verdict") in (verdicts.QUARANTINED, verdicts.REJECTED) and not used:
+        part["state"] = (f"quarantined as a likely label error (model v{verdict.get('model_version')} read "
+                         f"{verdict.get('predicted')}, score {verdict.get('score')}): `mnist-mlops feedback review`"
+                         if verdict["verdict"] == verdicts.QUARANTINED else "rejected in `mnist-mlops feedback review`")
+    elif used:
         data = sorted({u["data_md5"] for u in used})
         part["state"] = f"used in data version {', '.join(data)} (model {', '.join('v' + u['version'] for u in used)})"
     elif later := [v for v in registered_versions() if newer(v.tags.get("data.feedback_newest"), record["time"])]:

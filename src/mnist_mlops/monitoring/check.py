@@ -72,7 +72,8 @@ def new_labels(paths: Paths, params: Params) -> int:
     """Labels accepted since the data version in data/ was made (its data/feedback.json, which
     the training flow's fetch step writes), i.e. what a training run would add now: screened by
     the fetch step's own code, so a label it would hold back (a blank digit, a copy of a test
-    digit, an over-full class) never asks for a retrain that cannot change anything."""
+    digit, a quarantined label, an over-full class) never asks for a retrain that cannot change
+    anything. It judges nothing itself: a label not screened yet counts."""
     from mnist_mlops.training.data import DataError, Digits, feedback_meta, read_data
     from mnist_mlops.training.fetch import screened_labels
 
@@ -81,7 +82,7 @@ def new_labels(paths: Paths, params: Params) -> int:
     except DataError:  # no data version yet: every usable label is new
         return len(feedback.accepted(paths.feedback))
     base = int(meta["base"]) if meta else len(data.labels)
-    screened = screened_labels(Digits(data.images[:base], data.labels[:base]), paths.feedback, params)
+    screened = screened_labels(Digits(data.images[:base], data.labels[:base]), paths.feedback, params, judge=False)
     return feedback.newer_than(screened.examples, meta["newest"] if meta else None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,14 +111,19 @@ class Screened:
     leaks_blocked: int = 0  # copies of base test digits: the gate scores on those, nothing may train on them
     blank: int = 0  # no ink: no digit to learn
     capped: int = 0  # over data.max_class_imbalance: the newest labels of an over-full class wait
+    quarantined: int = 0  # likely label errors (training/screening.py): they wait for `feedback review`
+    rejected: int = 0  # a person rejected them in `feedback review`
+    pending: int = 0  # not screened yet: no champion to screen them with
 
     def held_back(self) -> dict[str, int]:
         """The counts of what was kept out of the data, by `HELD_BACK` key."""
-        return {"leaks_blocked": self.leaks_blocked, "blank": self.blank, "capped": self.capped}
+        return {key: getattr(self, key) for key in HELD_BACK}
 
 
 # The summary's words for each count of `Screened`.
-HELD_BACK = {"leaks_blocked": "test-digit copies", "blank": "blank", "capped": "over the class limit"}
+HELD_BACK = {"leaks_blocked": "test-digit copies", "blank": "blank", "capped": "over the class limit",
+             "quarantined": "quarantined as likely label errors (mnist-mlops feedback review)",
+             "rejected": "rejected in review", "pending": "waiting for a champion to screen them"}
 
 
 def held_back(screened: dict[str, int]) -> str | None:
@@ -160,19 +166,27 @@ def within_balance(labels: np.ndarray, base_labels: np.ndarray, max_imbalance: f
     return keep
 
 
+# Judges the labels of usable digits: a verdict per example (accepted | quarantined | rejected | pending).
+Judge = Callable[[Examples], np.ndarray]
+
+
 def screen(examples: Examples, base_labels: np.ndarray, test_images: np.ndarray,
-           max_imbalance: float) -> Screened:
-    """The labelled digits training may use: no blank digit, no copy of a base test digit, and
-    no more of a class than keeps the data within `data.max_class_imbalance`.
+           max_imbalance: float, judge: Judge | None = None) -> Screened:
+    """The labelled digits training may use: no blank digit, no copy of a base test digit, no
+    label the `judge` holds back, and no more of a class than keeps the data within
+    `data.max_class_imbalance`.
 
     The fetch step and the monitor both call this, so "new labels" means the same to both.
     """
     inked = has_ink(examples.images) if len(examples) else np.zeros(0, bool)
     leaks = copies_of(examples.images, test_images) & inked
     usable = select(examples, inked & ~leaks)
-    balanced = within_balance(usable.labels, base_labels, max_imbalance)
-    return Screened(select(usable, balanced), leaks_blocked=int(leaks.sum()), blank=int((~inked).sum()),
-                    capped=int((~balanced).sum()))
+    verdict = judge(usable) if judge is not None and len(usable) else np.full(len(usable), "accepted", object)
+    judged = select(usable, verdict == "accepted")
+    balanced = within_balance(judged.labels, base_labels, max_imbalance)
+    held = {v: int((verdict == v).sum()) for v in ("quarantined", "rejected", "pending")}
+    return Screened(select(judged, balanced), leaks_blocked=int(leaks.sum()), blank=int((~inked).sum()),
+                    capped=int((~balanced).sum()), **held)
 
 
 def newer_than(examples: Examples, since: str | None) -> int:

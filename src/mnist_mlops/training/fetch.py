@@ -5,8 +5,9 @@ on the feedback store's code; they read data/ and data/feedback.json only.
 
 Labels are screened before they become data (`feedback.screen`): a blank digit, a copy of a
 base test digit (people try the service with MNIST's own test digits; the gate scores on
-those), or more of a class than `data.max_class_imbalance` allows never reaches data/, so
-labels can neither leak the test split into training nor make the pipeline unrunnable.
+those), a likely label error (`training.screening`: quarantined for `feedback review`), or
+more of a class than `data.max_class_imbalance` allows never reaches data/, so labels can
+neither leak the test split into training, teach it a mistake, nor make the pipeline unrunnable.
 """
 
 from __future__ import annotations
@@ -18,15 +19,29 @@ import numpy as np
 from mnist_mlops.config import Params, Paths
 from mnist_mlops.records import feedback
 from mnist_mlops.splits import base_test_images
+from mnist_mlops.training import screening
 from mnist_mlops.training.data import Digits, FetchResult, feedback_meta
 from mnist_mlops.training.data import fetch as fetch_data
 
 
-def screened_labels(base: Digits, feedback_dir: Path, params: Params, until: str | None = None) -> feedback.Screened:
-    """The store's labelled digits (up to `until`) that training may use, with what was held back."""
+def screened_labels(base: Digits, feedback_dir: Path, params: Params, until: str | None = None,
+                    judge: bool = True) -> feedback.Screened:
+    """The store's labelled digits (up to `until`) that training may use, with what was held back.
+
+    `judge`: screen the labels not judged yet (`training.screening`, with the champion). The
+    monitor passes False: it only counts, and a label not screened yet counts as usable.
+    """
     examples = feedback.accepted(feedback_dir, until=until)
+    reference = screening.Reference.from_base(base.images, base.labels, params)
+
+    def verdicts_of(usable: feedback.Examples):
+        if judge:
+            return screening.judge(usable, reference, feedback_dir, params)
+        found = screening.known(usable, feedback_dir)
+        return np.where(found == screening.PENDING, "accepted", found)
+
     return feedback.screen(examples, base.labels, base_test_images(base.images, base.labels, params.prepare),
-                           params.data.max_class_imbalance)
+                           params.data.max_class_imbalance, verdicts_of)
 
 
 def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path,
@@ -41,17 +56,17 @@ def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path,
     previous = feedback_meta(data_dir)
     since = previous["newest"] if previous else None
     screened = screened_labels(base, feedback_dir, params)
-    examples = screened.examples
-    kept = feedback.newer_than(examples, since)
+    kept = feedback.newer_than(screened.examples, since)
     if kept >= params.data.feedback_min_new:
-        kept = 0
-    else:
-        examples = screened_labels(base, feedback_dir, params, until=since).examples if since else examples[:0]
-    if not len(examples):
+        kept, chosen = 0, screened
+    else:  # the labels of the current data version, as the store and the reviews judge them now
+        chosen = screened_labels(base, feedback_dir, params, until=since) if since else None
+    if chosen is None or not len(chosen.examples):
         return base, None, kept, screened
+    examples = chosen.examples
     digits = Digits(np.concatenate([base.images, examples.images]), np.concatenate([base.labels, examples.labels]))
     meta = {"base": len(base.labels), "count": len(examples), "newest": examples.newest,
-            "labels": [label_entry(r) for r in examples.records]}
+            "quarantined": chosen.quarantined + chosen.rejected, "labels": [label_entry(r) for r in examples.records]}
     return digits, meta, kept, screened
 
 
