@@ -21,9 +21,16 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - a library may wrap the interrupt in its own error
         if not (isinstance(exc, KeyboardInterrupt) or stop_requested()):
             raise
-        print("stopped", file=sys.stderr)
-        sys.exit(130)
-    cli_main()
+        stopped()
+    try:
+        cli_main()
+    except KeyboardInterrupt:  # a stop between the import and the command's own handling
+        stopped()
+
+
+def stopped() -> None:
+    print("stopped", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
