@@ -74,15 +74,14 @@ def new_labels(paths: Paths, params: Params) -> int:
     the fetch step's own code, so a label it would hold back (a blank digit, a copy of a test
     digit, a quarantined label, an over-full class) never asks for a retrain that cannot change
     anything. It judges nothing itself: a label not screened yet counts."""
-    from mnist_mlops.training.data import DataError, Digits, feedback_meta, read_data
-    from mnist_mlops.training.fetch import screened_labels
+    from mnist_mlops.training.data import DataError
+    from mnist_mlops.training.fetch import base_of, screened_labels
 
     try:
-        data, meta = read_data(paths.data), feedback_meta(paths.data)
+        base, meta = base_of(paths.data)
     except DataError:  # no data version yet: every usable label is new
         return len(feedback.accepted(paths.feedback))
-    base = int(meta["base"]) if meta else len(data.labels)
-    screened = screened_labels(Digits(data.images[:base], data.labels[:base]), paths.feedback, params, judge=False)
+    screened = screened_labels(base, paths.feedback, params, judge=False)
     return feedback.newer_than(screened.examples, meta["newest"] if meta else None)
 
 

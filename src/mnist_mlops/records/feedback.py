@@ -23,6 +23,7 @@ import numpy as np
 from mnist_mlops.digit_features import has_ink
 from mnist_mlops.records import shards
 from mnist_mlops.records.prediction_log import now_iso, parse_time
+from mnist_mlops.records.verdicts import ACCEPTED, QUARANTINED, REJECTED
 
 PREFIX = "labels"
 SHARD_BYTES = 4 * 1024 * 1024  # ~5,000 digits per shard
@@ -181,10 +182,10 @@ def screen(examples: Examples, base_labels: np.ndarray, test_images: np.ndarray,
     inked = has_ink(examples.images) if len(examples) else np.zeros(0, bool)
     leaks = copies_of(examples.images, test_images) & inked
     usable = select(examples, inked & ~leaks)
-    verdict = judge(usable) if judge is not None and len(usable) else np.full(len(usable), "accepted", object)
-    judged = select(usable, verdict == "accepted")
+    verdict = judge(usable) if judge is not None and len(usable) else np.full(len(usable), ACCEPTED, object)
+    judged = select(usable, verdict == ACCEPTED)
     balanced = within_balance(judged.labels, base_labels, max_imbalance)
-    held = {v: int((verdict == v).sum()) for v in ("quarantined", "rejected", "pending")}
+    held = {v: int((verdict == v).sum()) for v in (QUARANTINED, REJECTED, "pending")}
     return Screened(select(judged, balanced), leaks_blocked=int(leaks.sum()), blank=int((~inked).sum()),
                     capped=int((~balanced).sum()), **held)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.config import Params, Paths
-from mnist_mlops.records import feedback
+from mnist_mlops.records import feedback, verdicts
 from mnist_mlops.splits import base_test_images
 from mnist_mlops.training import screening
-from mnist_mlops.training.data import Digits, FetchResult, feedback_meta
+from mnist_mlops.training.data import Digits, FetchResult, feedback_meta, read_data
 from mnist_mlops.training.data import fetch as fetch_data
 
 
@@ -32,16 +32,24 @@ def screened_labels(base: Digits, feedback_dir: Path, params: Params, until: str
     monitor passes False: it only counts, and a label not screened yet counts as usable.
     """
     examples = feedback.accepted(feedback_dir, until=until)
-    reference = screening.Reference.from_base(base.images, base.labels, params)
 
     def verdicts_of(usable: feedback.Examples):
         if judge:
+            reference = screening.Reference.from_base(base.images, base.labels, params)
             return screening.judge(usable, reference, feedback_dir, params)
         found = screening.known(usable, feedback_dir)
-        return np.where(found == screening.PENDING, "accepted", found)
+        return np.where(found == screening.PENDING, verdicts.ACCEPTED, found)
 
     return feedback.screen(examples, base.labels, base_test_images(base.images, base.labels, params.prepare),
                            params.data.max_class_imbalance, verdicts_of)
+
+
+def base_of(data_dir: Path) -> tuple[Digits, dict | None]:
+    """The base source's digits as data/ holds them (the rows before the labelled ones), and
+    data/feedback.json; DataError when data/ has no readable data version."""
+    data, meta = read_data(data_dir), feedback_meta(data_dir)
+    base = int(meta["base"]) if meta else len(data.labels)
+    return Digits(data.images[:base], data.labels[:base]), meta
 
 
 def with_feedback(base: Digits, data_dir: Path, feedback_dir: Path,

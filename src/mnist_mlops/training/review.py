@@ -38,15 +38,14 @@ class Suspect:
 
 def screen_pending(paths: Paths, params: Params) -> None:
     """Screen every label not screened yet, as the next run's fetch step would."""
-    from mnist_mlops.training.data import DataError, Digits, feedback_meta, read_data
-    from mnist_mlops.training.fetch import screened_labels
+    from mnist_mlops.training.data import DataError
+    from mnist_mlops.training.fetch import base_of, screened_labels
 
     try:
-        data, meta = read_data(paths.data), feedback_meta(paths.data)
+        base, _ = base_of(paths.data)
     except DataError:
         raise UserError(f"no data in {paths.data} to screen labels against: run `mnist-mlops run` first") from None
-    base = int(meta["base"]) if meta else len(data.labels)
-    screened_labels(Digits(data.images[:base], data.labels[:base]), paths.feedback, params)
+    screened_labels(base, paths.feedback, params)
 
 
 def suspects(feedback_dir: Path) -> list[Suspect]:

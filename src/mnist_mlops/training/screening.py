@@ -47,27 +47,29 @@ def judge(examples: Examples, reference: Reference, feedback_dir: Path, params: 
     """Each example's verdict (accepted | quarantined | rejected | pending), screening the ones
     not judged yet (and recording their verdicts). Labels from `data.trusted_sources` are
     accepted unscreened; with `data.screen_labels` off, every label not rejected is accepted."""
-    known = verdicts.read(feedback_dir)
-    todo = [i for i, r in enumerate(examples.records) if verdicts.key(r) not in known]
+    found = verdicts.read(feedback_dir)
+    todo = [i for i, r in enumerate(examples.records) if verdicts.key(r) not in found]
     trusted = [i for i in todo if examples.records[i].get("source") in params.data.trusted_sources]
     if params.data.screen_labels:
         untrusted = np.zeros(len(examples), bool)
         untrusted[todo] = True
         untrusted[trusted] = False
-        found = screen(select(examples, untrusted), reference)
+        screened = screen(select(examples, untrusted), reference)
     else:
-        trusted, found = todo, []
+        trusted, screened = todo, []
     by = "trusted" if params.data.screen_labels else "unscreened"
     new = [{"sha": examples.records[i]["sha"], "label": int(examples.labels[i]), "verdict": verdicts.ACCEPTED,
-            "by": by} for i in trusted] + found
+            "by": by} for i in trusted] + screened
     verdicts.append(feedback_dir, new)
-    known |= {verdicts.key(r): r for r in new}
-    return np.array([known.get(verdicts.key(r), {}).get("verdict", PENDING) for r in examples.records], dtype=object)
+    return verdicts_in(examples, found | {verdicts.key(r): r for r in new})
 
 
 def known(examples: Examples, feedback_dir: Path) -> np.ndarray:
     """Each example's recorded verdict, `pending` where none is recorded (nothing is screened)."""
-    found = verdicts.read(feedback_dir)
+    return verdicts_in(examples, verdicts.read(feedback_dir))
+
+
+def verdicts_in(examples: Examples, found: dict) -> np.ndarray:
     return np.array([found.get(verdicts.key(r), {}).get("verdict", PENDING) for r in examples.records], dtype=object)
 
 
