@@ -50,6 +50,7 @@ from helpers import (
     postgres_cluster,
     serving,
     start_server,
+    train_reader,
 )
 
 os.environ.update(TELEMETRY_OFF)
@@ -106,6 +107,13 @@ def served(trained_project: Project, tmp_path_factory: pytest.TempPathFactory) -
     """The trained project's champion served once for the whole session (no API key)."""
     with serving(trained_project, tmp_path_factory.mktemp("served")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def reader(trained_project: Project):
+    """A Keras ConvNet that reads well (`helpers.train_reader`), trained once per session: for
+    the tests whose subject is a good model's probabilities (label screening, the queue)."""
+    return train_reader(trained_project)
 
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -30,9 +30,9 @@ from mnist_mlops.platform.tracking import TELEMETRY_OFF
 
 __all__ = ["ARTIFACT_BUCKET", "BIN", "DVC_BUCKET", "S3", "S3_CREDENTIALS", "FAST_PARAMS", "LOOPBACK",
            "MLFLOW_PROCESS_STATE", "PROJECT_FILES", "REPO", "SMALL_MODEL", "TELEMETRY_OFF", "Postgres", "Project",
-           "Mirror", "Server", "copy_project", "free_port", "kill_all", "log_keras", "make_project", "npz_bytes",
-           "left_behind", "postgres_cluster", "processes_with", "serving", "wait_stopped",
-           "start_server", "stop_group"]
+           "Mirror", "Server", "blended_batch", "copy_project", "free_port", "kill_all", "log_keras", "make_project",
+           "npz_bytes", "left_behind", "postgres_cluster", "prepared_digits", "processes_with", "serving",
+           "wait_stopped", "start_server", "stop_group", "train_reader"]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -161,6 +161,49 @@ def log_keras(model, **kwargs):
 
     requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
     return mlflow.keras.log_model(model, name="model", pip_requirements=requirements, **kwargs)
+
+
+def prepared_digits(project: Project, split: str):
+    """A trained project's prepared split (`train`, `val`, `test`) as uint8 28×28 digits and labels."""
+    import numpy as np
+
+    root = project.root / "artifacts" / "prepared"
+    x = np.rint(np.load(root / f"{split}_x.npy")[..., 0] * 255).astype(np.uint8)
+    return x, np.load(root / f"{split}_y.npy")
+
+
+def blended_batch(project: Project):
+    """200 test digits the champion never trained on; the last 20 are two digits of different
+    classes blended half and half (a question only a person can answer)."""
+    import numpy as np
+
+    x, y = prepared_digits(project, "test")
+    order = np.random.default_rng(7).permutation(len(y))
+    clear, rest = order[:180], order[180:]
+    firsts = rest[:20]
+    seconds = [next(j for j in rest[20 + 7 * k:] if y[j] != y[i]) for k, i in enumerate(firsts)]
+    blends = ((x[firsts].astype(np.float32) + x[seconds]) / 2).astype(np.uint8)
+    return np.concatenate([x[clear], blends])
+
+
+def train_reader(project: Project):
+    """A small ConvNet trained four epochs on the project's base train split, in this process.
+
+    Screening labels and ranking questions judge a model's probabilities: the session's
+    one-epoch champion reads 86% of digits and is unsure of nearly all of them (top
+    probabilities around 0.3), so the tests of those use this one instead (~95%)."""
+    import keras
+
+    from mnist_mlops.config import load_params
+    from mnist_mlops.preprocess import normalize
+    from mnist_mlops.training.model import build_model
+
+    keras.utils.set_random_seed(7)
+    model = build_model(load_params(project.root, SMALL_MODEL).model)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = prepared_digits(project, "train")
+    model.fit(normalize(x), y, epochs=4, batch_size=64, verbose=0)
+    return model
 
 
 # --------------------------------------------------------------------------- servers

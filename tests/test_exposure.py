@@ -60,7 +60,7 @@ def test_open_predict_opens_predictions_only(monkeypatch, open_predict: bool) ->
     client = guarded(monkeypatch, open_predict)
     for path in ("/predict", "/predict_image"):
         assert client.post(path, content=b"{}").status_code == (200 if open_predict else 401)
-    for path in ("/feedback", "/model"):  # labels and the rest always need the key
+    for path in ("/feedback", "/feedback/queue", "/model"):  # labels, the queue and the rest need the key
         assert client.post(path, content=b"{}").status_code == 401
         assert client.post(path, content=b"{}", headers={"X-API-Key": "k" * 32}).status_code == 200
 

@@ -1,5 +1,5 @@
 """The routes beside the BentoML APIs, in one Starlette app: GET /model, POST /feedback,
-GET /predictions/{id} (a prediction's lineage card), /ui/.
+GET /feedback/queue (the labelling queue), GET /predictions/{id} (a prediction's lineage card), /ui/.
 
 POST /feedback stores a person's label for an earlier prediction: every label of a request
 or none (`FeedbackIntake.store`), the digit copied from the prediction log into the feedback
@@ -24,6 +24,7 @@ from mnist_mlops.serving.inputs import DEFAULTS, FeedbackError, parse_feedback
 
 logger = logging.getLogger("mnist_mlops.serving.routes")
 UI_DIR = Path(__file__).resolve().parent / "ui"
+MAX_QUEUE = 100  # questions per GET /feedback/queue
 
 
 @dataclass
@@ -78,6 +79,20 @@ class FeedbackIntake:
         return 200, {"stored": len(records),
                      "items": [{k: r[k] for k in ("prediction_id", "label", "predicted")} for r in records]}
 
+    def questions(self, n: int) -> dict:
+        """GET /feedback/queue: the unlabelled predictions a label would teach most about."""
+        from mnist_mlops.lineage.render import png_data_url
+        from mnist_mlops.records import queue
+
+        if self.log is not None:
+            self.log.flush()
+        items = queue.queue(self.log_dir, self.feedback_store.directory, n)
+        return {"criterion": queue.CRITERION, "items": [
+            {"prediction_id": q.prediction_id, "digit": q.digit, "confidence": round(q.confidence, 4),
+             "margin": q.margin, "model_version": q.model_version, "time": q.time,
+             "image": png_data_url(q.image, scale=1)}
+            for q in items]}
+
     def card(self, prediction_id: str) -> tuple[int, dict]:
         if self.log is not None:
             self.log.flush()  # an answer given a moment ago is in the log
@@ -128,8 +143,16 @@ def extra_app(max_feedback_items: int = DEFAULTS.max_feedback_items):
         status, body = await asyncio.to_thread(bentoml.get_current_service().intake.store, labels)
         return JSONResponse(body, status_code=status)
 
+    async def label_queue(request):
+        raw = request.query_params.get("n", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_QUEUE:
+            return error_response(400, "bad_n", f"n must be an integer 1–{MAX_QUEUE}, not {raw!r}", "query")
+        body = await asyncio.to_thread(bentoml.get_current_service().intake.questions, int(raw))
+        return JSONResponse(body)
+
     routes = [Route("/model", model_info, methods=["GET"]),
               Route("/feedback", take_feedback, methods=["POST"]),
+              Route("/feedback/queue", label_queue, methods=["GET"]),
               Route("/predictions/{prediction_id}", lineage, methods=["GET"]),
               Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"])]
     if UI_DIR.is_dir():

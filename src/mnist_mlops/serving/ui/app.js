@@ -9,6 +9,7 @@
   const PREDICT_URL = "../predict_image";  // relative: works wherever the service is mounted
   const MODEL_URL = "../model";
   const FEEDBACK_URL = "../feedback";
+  const QUEUE_URL = "../feedback/queue?n=20";
   const KEY_STORE = "mnist-mlops-api-key";
   const INK = "#000000";
   const PAPER = "#ffffff";
@@ -336,6 +337,57 @@
         $("served-model").textContent = `${name ? name + " " : ""}version ${version}`;
       }
     } catch (_) { /* informational only */ }
+  }
+
+  // ---- help label: one queued digit at a time --------------------------------------
+  let questions = [];
+  const skipped = new Set();
+  const helpStatus = $("help-status");
+
+  async function nextQuestion() {
+    if (!questions.length) {
+      const resp = await fetch(QUEUE_URL, { headers: headers() });
+      if (!resp.ok) { helpStatus.textContent = await errorMessage(resp); return; }
+      questions = (await resp.json()).items.filter((q) => !skipped.has(q.prediction_id));
+    }
+    const q = questions[0];
+    $("question").hidden = !q;
+    if (!q) { helpStatus.textContent = "Nothing to label right now: thank you."; return; }
+    $("question-digit").src = q.image;
+    $("question-digit").dataset.predictionId = q.prediction_id;
+    $("question-answer").textContent = `${q.digit} (confidence ${pct(q.confidence)})`;
+  }
+
+  let answering = false;
+
+  async function answer(label) {
+    const q = questions[0];
+    if (!q || answering) return;
+    answering = true;
+    try {
+      if (label === null) {
+        skipped.add(q.prediction_id);
+        helpStatus.textContent = "Skipped.";
+      } else {
+        const resp = await fetch(FEEDBACK_URL, {
+          method: "POST", headers: { ...headers(), "Content-Type": "application/json" },
+          body: JSON.stringify({ prediction_id: q.prediction_id, label }),
+        });
+        // Not stored: the digit stays on screen, so the label can be sent again (after typing the key).
+        if (!resp.ok) { helpStatus.textContent = `Not recorded: ${await errorMessage(resp)}`; return; }
+        helpStatus.textContent = `Thank you: labelled ${label}.`;
+      }
+      questions.shift();
+      await nextQuestion();
+    } finally {
+      answering = false;
+    }
+  }
+
+  $("help-start").addEventListener("click", nextQuestion);
+  $("question-skip").addEventListener("click", () => answer(null));
+  for (const b of document.querySelectorAll("#question-digits [data-label]")) {
+    b.addEventListener("click", () => answer(Number(b.dataset.label)));
   }
 
   form.addEventListener("submit", (ev) => { ev.preventDefault(); predict(); });
