@@ -74,6 +74,25 @@ def test_health_endpoints(server: Server) -> None:
         assert server.client.get(path).status_code == 200, path
 
 
+def test_the_serve_command_only_supervises(server: Server) -> None:
+    """`mnist-mlops serve` waits for its server for as long as it runs: it finds the champion's
+    Bento in a short-lived child, so it never loads MLflow (protobuf's native code), BentoML's
+    stack or TensorFlow, which the server's own processes do."""
+    import psutil
+
+    leader = psutil.Process(server.proc.pid)
+    tree = [leader, *leader.children(recursive=True)]
+    cli = [p for p in tree if p.cmdline()[1:3] and p.cmdline()[1].endswith("mnist-mlops") and p.cmdline()[2] == "serve"]
+    assert len(cli) == 1, [p.cmdline() for p in tree]
+
+    def native(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    assert "google/_upb" not in native(cli[0].pid) and "tensorflow" not in native(cli[0].pid)
+    workers = [p for p in tree if "tensorflow" in native(p.pid)]
+    assert workers, "the server's worker loads TensorFlow: the check above would see it"
+
+
 def test_openapi_page_and_spec(server: Server) -> None:
     page = server.client.get("/")
     assert page.status_code == 200 and "html" in page.headers["content-type"]
@@ -365,11 +384,12 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
                               env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr}"
         outputs[cmd] = proc.stdout
-    by_endpoint = {re.search(r"127\.0\.0\.1:3000/(\w+)", c).group(1): out
+    by_endpoint = {re.search(r"127\.0\.0\.1:3000/([\w/]+)", c).group(1): out
                    for c, out in outputs.items() if c.startswith("curl")}
     assert json.loads(by_endpoint["predict"])[0]["digit"] in range(10)
     assert json.loads(by_endpoint["predict"])[0]["blank"] is False  # the README's digit.json is a drawn 1
     assert json.loads(by_endpoint["feedback"])["stored"] == 1
+    assert by_endpoint["feedback/queue"].startswith("margin"), by_endpoint["feedback/queue"]  # the criterion line
     assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
     assert json.loads(by_endpoint["model"])["model_version"] == "1"
     assert "bentoml_service_request_total" in by_endpoint["metrics"]

@@ -173,7 +173,7 @@ def serve(
     """
     import tempfile
 
-    from mnist_mlops.serving.package import serve_command
+    from mnist_mlops.serving.package import serve_command_apart
     from mnist_mlops.serving.settings import ALLOW_ANONYMOUS_ENV, OPEN_PREDICT_ENV, exposure_warning
 
     if warning := exposure_warning(host, allow_anonymous_feedback):
@@ -183,8 +183,7 @@ def serve(
     root = project_dir()
     # this serve's own /metrics files: a second serve beside it never mixes in or wipes them
     with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-metrics-") as metrics_dir:
-        cmd, env, tag = serve_command(root, host, port, pin, Path(metrics_dir),
-                                      on_build=lambda msg: err_console.print(msg))
+        cmd, env, tag = serve_command_apart(root, host, port, pin, Path(metrics_dir))
         mode = f"pinned to v{pin}" if pin else "following the champion"
         console.print(f"serving {tag} on http://{host}:{port}, {mode}  (docs: /, digits: POST /predict, "
                       "/predict_image)")

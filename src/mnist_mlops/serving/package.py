@@ -9,6 +9,7 @@ section of params.yaml is baked into the Bento as build arguments (`bentoml.use_
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from mnist_mlops.config import CHAMPION_ALIAS, MODEL_NAME, load_params
@@ -132,8 +133,6 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
     """`bentoml serve` of the champion's Bento (built first if missing), and its environment:
     following the champion alias by default, or pinned to `pin`; its Prometheus files in
     `metrics_dir`, this serve's own (see serving/launch.py). Returns (cmd, env, Bento tag)."""
-    import sys
-
     from mnist_mlops import registry
     from mnist_mlops.config import Paths, tracking_uri
     from mnist_mlops.serving.settings import (
@@ -174,3 +173,57 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
     cmd = [sys.executable, "-m", "mnist_mlops.serving.launch", str(metrics_dir),
            "serve", tag, "--host", host, "--port", str(port)]
     return cmd, env, tag
+
+
+def serve_command_apart(root: Path, host: str, port: int, pin: str | None,
+                        metrics_dir: Path) -> tuple[list[str], dict[str, str], str]:
+    """`serve_command`, worked out by a short-lived child process (`main` below).
+
+    Finding (or building) the champion's Bento needs BentoML and MLflow: ~240 MiB that the
+    `mnist-mlops serve` process would then hold for the server's whole life while it only
+    waits for its child. The child exits once it has answered; its messages (a build) reach
+    the terminal as they come, its one-line errors are this process's."""
+    import json
+    import tempfile
+
+    from mnist_mlops.platform.processes import run_in_foreground, stop_requested
+
+    with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-") as tmp:
+        answer_file = Path(tmp) / "serve.json"
+        code = run_in_foreground([sys.executable, "-m", "mnist_mlops.serving.package", str(answer_file),
+                                  str(root), host, str(port), pin or "", str(metrics_dir)], cwd=root)
+        answer = json.loads(answer_file.read_text()) if answer_file.exists() else {}
+    if stop_requested():
+        raise KeyboardInterrupt
+    if "error" in answer:
+        raise UserError(answer["error"])
+    if code or "cmd" not in answer:
+        raise UserError(f"finding the champion's Bento failed (exit {code}): see the lines above")
+    return answer["cmd"], answer["env"], answer["tag"]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mnist_mlops.serving.package ANSWER ROOT HOST PORT PIN METRICS_DIR`: serve_command's
+    answer (or its UserError) written to ANSWER as JSON."""
+    import json
+
+    from mnist_mlops.platform.processes import handle_stop_signals
+    from mnist_mlops.platform.tracking import quiet_env
+
+    answer_file, root, host, port, pin, metrics_dir = argv
+    quiet_env()
+    handle_stop_signals()
+    try:
+        cmd, env, tag = serve_command(Path(root), host, int(port), pin or None, Path(metrics_dir),
+                                      on_build=lambda message: print(message, file=sys.stderr, flush=True))
+        answer: dict = {"cmd": cmd, "env": env, "tag": tag}
+    except UserError as exc:
+        answer = {"error": str(exc)}
+    except KeyboardInterrupt:
+        return 130
+    Path(answer_file).write_text(json.dumps(answer))
+    return 0 if "cmd" in answer else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
