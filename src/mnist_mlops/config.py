@@ -70,6 +70,9 @@ class ForeignParams(_Section):
     digits: int = Field(500, ge=10, le=100_000)  # of each source, in the val and in the test slice
     train_digits: int = Field(2000, ge=10, le=1_000_000)  # of each source, from the training families
     train_share: float = Field(0.2, ge=0, lt=1)
+    # True: they come on top of MNIST's digits (an epoch still shows each MNIST digit once on
+    # average, and grows by train_share / (1 - train_share)); False: they take that share of it.
+    on_top: bool = True
 
 
 class ModelParams(_Section):
@@ -101,7 +104,7 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(32, ge=1)
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(0.003, gt=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = "cosine"

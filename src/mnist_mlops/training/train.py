@@ -34,13 +34,23 @@ def _shuffled(x: np.ndarray, y: np.ndarray, seed: int | None):
     return ds if seed is None else ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
 
 
+def epoch_examples(n: int, mix: tuple[np.ndarray, np.ndarray, float] | None, on_top: bool) -> int:
+    """Examples per training epoch: the MNIST digits' count, or with the mixed-in digits `on_top`
+    as many more as keep each MNIST digit seen once an epoch on average."""
+    if mix is None or not on_top or not len(mix[1]):
+        return n
+    return int(round(n / (1 - mix[2])))
+
+
 def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None,
-            augment: AugmentParams | None = None, mix: tuple[np.ndarray, np.ndarray, float] | None = None):
+            augment: AugmentParams | None = None, mix: tuple[np.ndarray, np.ndarray, float] | None = None,
+            examples: int | None = None):
     """In-memory tf.data: cached, shuffled per epoch with a fixed seed, batched, each batch
     distorted afresh every epoch when `augment` is given (training only), prefetched.
 
     `mix` (x, y, share): each example is drawn from those digits with probability `share`
-    (seeded), else from (x, y); an epoch stays len(x) examples long, so mixing costs no time."""
+    (seeded), else from (x, y); an epoch is `examples` long (default len(x): mixing costs no
+    time, and MNIST gives up that share of each epoch)."""
     import tensorflow as tf
 
     from mnist_mlops.training.augment import augmented
@@ -50,7 +60,7 @@ def dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | N
         seed = shuffle_seed or 0
         other = _shuffled(mix[0], mix[1], seed + 1).repeat()
         ds = tf.data.Dataset.sample_from_datasets([ds.repeat(), other], weights=[1 - mix[2], mix[2]], seed=seed,
-                                                  rerandomize_each_iteration=True).take(len(x))
+                                                  rerandomize_each_iteration=True).take(examples or len(x))
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = augmented(ds, augment, seed=shuffle_seed or 0)
@@ -124,14 +134,15 @@ def fit(params: Params, paths: Paths, callbacks: list | None = None):
 
     make_deterministic(params.train.seed, params.train.deterministic)
     train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
-    batch = params.train.batch_size
+    batch, mix = params.train.batch_size, foreign_digits(params.foreign, paths)
+    examples = epoch_examples(len(train.y), mix, params.foreign.on_top)
     with pick_strategy().scope():
         model = build_model(params.model, seed=params.train.seed)
-        compile_model(model, params.train, steps_per_epoch=int(np.ceil(len(train.y) / batch)))
+        compile_model(model, params.train, steps_per_epoch=int(np.ceil(examples / batch)))
     rows: list[dict] = []
     model.fit(
         dataset(train.x, train.y, batch, shuffle_seed=params.train.seed, augment=params.augment,
-                mix=foreign_digits(params.foreign, paths)),
+                mix=mix, examples=examples),
         validation_data=dataset(val.x, val.y, batch, shuffle_seed=None),
         epochs=params.train.epochs,
         callbacks=[epoch_callback(params.train.epochs, rows), *(callbacks or [])],
