@@ -131,3 +131,18 @@ def test_training_batches_mix_in_the_training_families() -> None:
     first = labels()
     assert len(first) == 1000 and 0.15 < first.mean() < 0.25
     assert np.array_equal(first, labels())
+
+
+def test_foreign_digits_on_top_keep_every_mnist_epoch() -> None:
+    """`foreign.on_top`: the epoch grows so that MNIST keeps its count (about every digit once),
+    the share of foreign digits stays what `train_share` says."""
+    from mnist_mlops.training.train import dataset, epoch_examples
+
+    x, y = np.zeros((1000, 28, 28, 1), np.float32), np.zeros(1000, np.uint8)
+    mix = (np.ones((50, 28, 28, 1), np.float32), np.ones(50, np.uint8), 0.2)
+    assert epoch_examples(1000, mix, on_top=False) == 1000 and epoch_examples(1000, None, on_top=True) == 1000
+    examples = epoch_examples(1000, mix, on_top=True)
+    assert examples == 1250
+    labels = np.concatenate([b.numpy() for _, b in dataset(x, y, 100, 7, mix=mix, examples=examples)])
+    assert len(labels) == 1250 and 0.15 < labels.mean() < 0.25
+    assert 900 < (labels == 0).sum() < 1100, "MNIST keeps about its whole epoch"
