@@ -271,14 +271,15 @@ class ChampionFollower:
         except ReloadError as exc:
             self._refuse(version, old, exc)
             return
-        self.swap(loaded)
         self.state.retry_at, self._attempts = None, 0
         seconds = time.perf_counter() - started
+        # Counted before the swap: whoever sees the new model on /model finds it on /metrics too.
         self._count("reloads")
         if "seconds" in self.metrics:
             self.metrics["seconds"].observe(seconds)
         self._set("version", float(version) if version.isdigit() else -1)
         self._set("behind", 0.0)
+        self.swap(loaded)
         logger.info("champion follower: now serving v%s (was v%s), loaded and checked in %.1f s "
                     "(canary accuracy %.3f)", version, old, seconds, loaded.canary_accuracy or 0.0)
 
