@@ -79,6 +79,26 @@ def prepared_root(root: Path):
     return paths, sizes
 
 
+def champion_and_data(root: Path):
+    """A trained project's champion version, params, base digits and their split rows
+    (`{"train": ..., "val": ..., "test": ...}`), as the stages split them; None (said on
+    stderr) when the project has no champion yet."""
+    from mnist_mlops import registry
+    from mnist_mlops.config import Paths, load_params
+    from mnist_mlops.platform.tracking import setup_mlflow
+    from mnist_mlops.splits import stratified_split
+    from mnist_mlops.training.data import read_data
+
+    paths, params = Paths(root), load_params(root)
+    setup_mlflow(root)
+    champion = registry.champion_version()
+    if champion is None:
+        print("no champion: run `make run` first", file=sys.stderr)
+        return None
+    data = read_data(paths.data)
+    return champion, params, data, stratified_split(data.labels, params.prepare)
+
+
 def ratio_cell(value: float, target: float, higher_is_better: bool = True) -> str:
     ok = value >= target if higher_is_better else value <= target
     return f"[{'green' if ok else 'red'}]{value:.2f}[/]"

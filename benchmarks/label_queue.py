@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import champion_and_data  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TOP = 20
 
@@ -50,20 +53,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from mnist_mlops import registry
-    from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.records import prediction_log, queue
-    from mnist_mlops.splits import stratified_split
-    from mnist_mlops.training.data import read_data
 
-    paths, params = Paths(ROOT), load_params(ROOT)
-    setup_mlflow(ROOT)
-    champion = registry.champion_version()
-    if champion is None:
-        print("no champion: run `make run` first", file=sys.stderr)
+    found = champion_and_data(ROOT)
+    if found is None:
         return 2
-    data = read_data(paths.data)
-    test = stratified_split(data.labels, params.prepare)["test"]
+    champion, _, data, rows = found
+    test = rows["test"]
     images, labels = data.images[test], data.labels[test]
     counts: dict[str, list[int]] = {"margin (the queue)": [], "entropy": [], "least confidence": []}
     for draw in range(args.draws):

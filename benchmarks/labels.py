@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import champion_and_data  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMATIC = np.array([2, 7, 0, 8, 9, 6, 5, 1, 3, 4])  # each digit always labelled as this one
 
@@ -58,23 +61,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    from mnist_mlops import registry
-    from mnist_mlops.config import Paths, load_params
-    from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.records.feedback import Examples, digit_sha
-    from mnist_mlops.splits import stratified_split
-    from mnist_mlops.training.data import read_data
     from mnist_mlops.training.screening import Reference, screen
 
-    paths, params = Paths(ROOT), load_params(ROOT)
-    setup_mlflow(ROOT)
-    champion = registry.champion_version()
-    if champion is None:
-        print("no champion: run `make run` first", file=sys.stderr)
+    found = champion_and_data(ROOT)
+    if found is None:
         return 2
-    data = read_data(paths.data)
+    champion, params, data, rows = found
     base = (data.images, data.labels)
-    rows = stratified_split(data.labels, params.prepare)
     reference = Reference.from_base(*base, params)
     test = rows["test"]
     label_rows, eval_rows = test[: len(test) // 2], test[len(test) // 2:]
