@@ -2,14 +2,16 @@
 
 One load generator for all (`wrk`, apt-get install wrk): 32 concurrent clients sending
 one-digit JSON requests for a fixed time, then 256-digit requests against the Bento,
-compared with batched inference in this process. Prints a table; not a test.
+compared with batched inference in this process, as JSON and as raw bytes; one-digit Open
+Inference Protocol requests beside /predict's. Prints a table; not a test.
 
     python benchmarks/serving.py [--project DIR] [--duration 20] [--connections 32]
 
 The project (default: $MNIST_MLOPS_ROOT or the current directory) must have a champion
 (`make run`); its Bento is built if missing. Targets (from the serving issue):
 (a) ≥ 15× (b) in req/s with 0 errors, (a) ≥ 0.8 × (c), p99 (a) ≤ p99 (b) / 5,
-256-digit requests ≥ 0.5 × in-process batched images/s.
+256-digit requests ≥ 0.5 × in-process batched images/s; (OIP issue) 256 digits as raw bytes
+≥ 0.8 × in-process, one-digit OIP within 10% of /predict.
 
 Rollout (from the follow-the-champion issue; needs two registered versions): the same Bento
 in follow mode (f, polling every serve.follow_seconds) under the same load, its throughput as
@@ -47,7 +49,7 @@ os.environ.update(QUIET)
 
 LUA = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Content-Type"] = "{content_type}"
 local f = io.open(os.getenv("WRK_BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 """
 
@@ -197,11 +199,18 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     script = tmp / "post.lua"
-    script.write_text(LUA)
+    script.write_text(LUA.format(content_type="application/json"))
+    raw_script = tmp / "post-raw.lua"
+    raw_script.write_text(LUA.format(content_type="application/octet-stream"))
     one = tmp / "one.json"
     one.write_text(json.dumps({"images": digits[0].tolist()}))
     many = tmp / "many.json"
     many.write_text(json.dumps({"images": digits[np.arange(256) % len(digits)].tolist()}))
+    many_raw = tmp / "many.u8"
+    many_raw.write_bytes(digits[np.arange(256) % len(digits)].tobytes())
+    one_oip = tmp / "one-oip.json"
+    one_oip.write_text(json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28],
+                                               "data": digits[0].ravel().tolist()}]}))
     one_mlflow = tmp / "one-mlflow.json"
     one_mlflow.write_text(json.dumps({"inputs": normalize(digits[:1]).tolist()}))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -217,8 +226,11 @@ def main() -> None:
             wrk(f"{url}/predict", one, script, 3, c)  # warm-up: the batcher calibrates itself
             results[name] = wrk(f"{url}/predict", one, script, args.duration, c)
             if name == "a":
+                results["oip"] = wrk(f"{url}/v2/models/{MODEL_NAME}/infer", one_oip, script, args.duration, c)
                 big = wrk(f"{url}/predict", many, script, max(5.0, args.duration / 2), 4)
                 results["a256"] = big | {"images_per_s": big["rps"] * 256}
+                raw = wrk(f"{url}/predict", many_raw, raw_script, max(5.0, args.duration / 2), 4)
+                results["a256b"] = raw | {"images_per_s": raw["rps"] * 256}
 
     print(f"bento {packaged['bento']}  ({args.duration:g} s of load per server, {c} clients, wrk)", flush=True)
     bento("a", {"MNIST_MLOPS_LOG_PREDICTIONS": "1"})
@@ -268,7 +280,8 @@ def main() -> None:
              "r": "(r) (f) during two rollouts", "n": "(n) (a) with the log off",
              "p": "(p) (a) again, after (f)"}
     print(f"\n{'server (1 digit/request)':<32} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9}")
-    for key in ("a", "n", "b", "c", "f", "r", "p"):
+    names["oip"] = "(o) (a), Open Inference Protocol"
+    for key in ("a", "oip", "n", "b", "c", "f", "r", "p"):
         if key in results:
             r = results[key]
             print(f"{names[key]:<32} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
@@ -278,6 +291,9 @@ def main() -> None:
     print(f"\n{'256 digits/request (4 clients)':<32} {'images/s':>9}")
     print(f"{'(a) BentoML service':<32} {big['images_per_s']:>9.0f}   "
           f"(errors {big['errors']}, p99 {big['p99'] * 1e3:.0f} ms)")
+    raw = results["a256b"]
+    print(f"{'(a) BentoML service, raw bytes':<32} {raw['images_per_s']:>9.0f}   "
+          f"(errors {raw['errors']}, p99 {raw['p99'] * 1e3:.0f} ms)")
     print(f"{'in-process batched inference':<32} {inproc:>9.0f}")
 
     def check(ok: bool) -> str:
@@ -306,6 +322,11 @@ def main() -> None:
         print(f"predictions in the log           {logged:>8}    (answered by the servers with the log on)")
     print(f"256-digit requests / in-process  {big['images_per_s'] / inproc:>8.2f}    ≥ 0.5: "
           f"{check(big['images_per_s'] >= 0.5 * inproc)}")
+    print(f"256 raw bytes / in-process       {raw['images_per_s'] / inproc:>8.2f}    ≥ 0.8, 0 errors: "
+          f"{check(raw['images_per_s'] >= 0.8 * inproc and raw['errors'] == 0)}")
+    o = results["oip"]
+    print(f"OIP / /predict, 1 digit          {o['rps'] / a['rps']:>8.2f}    ≥ 0.9, 0 errors: "
+          f"{check(o['rps'] >= 0.9 * a['rps'] and o['errors'] == 0)}")
     if "f" not in results:
         shutil.rmtree(tmp, ignore_errors=True)
         return

@@ -392,6 +392,8 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
     assert by_endpoint["feedback/queue"].startswith("margin"), by_endpoint["feedback/queue"]  # the criterion line
     assert json.loads(by_endpoint["predict_image"])["digit"] == 1  # the README draws a vertical stroke
     assert json.loads(by_endpoint["model"])["model_version"] == "1"
+    infer = json.loads(by_endpoint["v2/models/mnist"])  # the Open Inference Protocol reads the same digit
+    assert infer["outputs"][1]["data"] == [json.loads(by_endpoint["predict"])[0]["digit"]]
     assert "bentoml_service_request_total" in by_endpoint["metrics"]
     predicted = outputs[f"mnist-mlops predict digit.png --url {server.url}"]
     assert "digit.png" in predicted and "│ 1 " in predicted, predicted  # the file the README made, read as a 1
@@ -399,10 +401,11 @@ def test_readme_curl_examples_work_when_copied(server: Server, tmp_path: Path) -
 
 def test_readme_python_example_works_when_copied(server: Server, tmp_path: Path) -> None:
     blocks = _blocks(_readme_section("Send predictions"), "python")
-    assert blocks
+    assert len(blocks) >= 2  # httpx, and an Open Inference Protocol client
     Image.new("L", (64, 64), 255).save(tmp_path / "digit.png")
     for code in blocks:
-        proc = subprocess.run([str(BIN / "python"), "-c", code.replace("http://127.0.0.1:3000", server.url)],
+        proc = subprocess.run([str(BIN / "python"), "-c", code.replace("http://127.0.0.1:3000", server.url)
+                               .replace("127.0.0.1:3000", server.url.removeprefix("http://"))],
                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert re.search(r"^\d 0\.\d+ 1$", proc.stdout, flags=re.M), proc.stdout

@@ -2,18 +2,27 @@
 
 `Guard` is an ASGI middleware: the request body limit (413) and the optional API key (401),
 and a check that a multipart form carries files only in the fields its endpoint takes. A
-single prediction's answer gets its id as the `X-Prediction-Id` header.
+single prediction's answer gets its id as the `X-Prediction-Id` header; /docs.json is the
+true document (serving/openapi.py), not BentoML's. It also turns the
+compact forms into /predict's: a binary body (raw uint8 or `.npy`) and an Open Inference
+Protocol `infer` request (serving/oip.py) become /predict's tensor JSON, so one path checks,
+batches and logs them all.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
+from collections.abc import Callable
 
 from mnist_mlops.config import ServeParams
+from mnist_mlops.serving import oip
+from mnist_mlops.serving.inputs import BINARY_TYPES, binary_images, predict_body
 from mnist_mlops.serving.settings import api_key, open_predict
 
-OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/ui"})  # open even with an API key
+# Open even with an API key.
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/ui", *oip.HEALTH})
 FILE_FIELDS = {"/predict_image": {"image"}}  # multipart file fields each endpoint takes
 PREDICTION_ENDPOINTS = ("/predict", "/predict_image")
 
@@ -111,9 +120,11 @@ class Guard:
     metrics endpoints needs `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     """
 
-    def __init__(self, app, max_body_bytes: int = ServeParams().max_body_bytes) -> None:
+    def __init__(self, app, max_body_bytes: int = ServeParams().max_body_bytes,
+                 document: Callable[[], dict] | None = None) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.document = functools.cache(document) if document else None  # the true /docs.json
         self.api_key = api_key()
         self.open_predict = open_predict()  # `serve --open-predict`: predictions open, labels keyed
 
@@ -128,7 +139,8 @@ class Guard:
 
     def refusal(self, path: str, headers: dict[bytes, bytes]):
         """The error response for a request refused on its headers alone (None: let it in)."""
-        needs_key = not is_open(path) and not (self.open_predict and path.rstrip("/") in PREDICTION_ENDPOINTS)
+        predicting = path.rstrip("/") in PREDICTION_ENDPOINTS or oip.infer_target(path) is not None
+        needs_key = not is_open(path) and not (self.open_predict and predicting)
         if self.api_key and needs_key and not self.authorized(headers):
             resp = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: "
                                   "Bearer <key>' or 'X-API-Key: <key>'", "header")
@@ -151,19 +163,65 @@ class Guard:
             send = with_prediction_id_header(send)
         if (refused := self.refusal(scope["path"], headers)) is not None:
             return await refused(scope, receive, send)
-        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        if scope["path"] == "/docs.json" and self.document is not None and scope.get("method") == "GET":
+            from starlette.responses import JSONResponse
+
+            return await JSONResponse(self.document())(scope, receive, send)
+        if post and (target := oip.infer_target(scope["path"])) is not None:
+            return await self.infer(target, scope, receive, send, headers)
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if post and scope["path"].rstrip("/") == "/predict" and media in BINARY_TYPES:
+            return await self.binary_predict(media, scope, receive, send)
+        multipart = media == "multipart/form-data"
         if not post or (b"content-length" in headers and not multipart):
             return await self.app(scope, receive, send)
         # Chunked or multipart: read the body (up to the limit) here, then replay it.
-        try:
-            body = await read_body(receive, self.max_body)
-        except BodyTooLarge:
-            return await self.too_big()(scope, receive, send)
-        if body is None:
+        if (body := await self.whole_body(scope, receive, send)) is None:
             return
         if multipart and (problem := await self.unexpected_files(scope, replaying(body, receive))):
             return await error_response(400, "unexpected_file", problem)(scope, receive, send)
         return await self.app(scope, replaying(body, receive), send)
+
+    async def whole_body(self, scope, receive, send) -> bytes | None:
+        """The request body, or None when the client left or it was over the limit (answered 413)."""
+        try:
+            return await read_body(receive, self.max_body)
+        except BodyTooLarge:
+            await self.too_big()(scope, receive, send)
+            return None
+
+    async def as_predict(self, images, scope, receive, send) -> None:
+        """Hand `images` to /predict in the tensor form: the same checks, batcher and log."""
+        body = predict_body(images)
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        scope = {**scope, "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "headers": [*headers, (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, replaying(body, receive), send)
+
+    async def binary_predict(self, media: str, scope, receive, send) -> None:
+        """POST /predict with raw uint8 pixels or a `.npy` file."""
+        if (body := await self.whole_body(scope, receive, send)) is None:
+            return
+        try:
+            images = binary_images(body, media)
+        except ValueError as exc:
+            return await error_response(400, "invalid_images", str(exc))(scope, receive, send)
+        await self.as_predict(images, scope, receive, send)
+
+    async def infer(self, target: tuple[str, str | None], scope, receive, send, headers) -> None:
+        """An Open Inference Protocol infer request, answered by /predict and rewritten."""
+        from starlette.responses import Response
+
+        if (body := await self.whole_body(scope, receive, send)) is None:
+            return
+        try:
+            oip.check_target(*target, oip.serving_version())
+            request = oip.parse_infer(body, headers.get(oip.HEADER_LENGTH))
+        except oip.BadInference as exc:
+            refusal = Response(oip.error(str(exc)), exc.status, media_type="application/json")
+            return await refusal(scope, receive, send)
+        await self.as_predict(request.images, scope, receive, oip.responding(request, send))
 
     @staticmethod
     async def unexpected_files(scope, receive) -> str | None:

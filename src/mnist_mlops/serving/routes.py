@@ -1,5 +1,6 @@
 """The routes beside the BentoML APIs, in one Starlette app: GET /model, POST /feedback,
-GET /feedback/queue (the labelling queue), GET /predictions/{id} (a prediction's lineage card), /ui/.
+GET /feedback/queue (the labelling queue), GET /predictions/{id} (a prediction's lineage card), /ui/,
+and the Open Inference Protocol's health and metadata under /v2 (serving/oip.py).
 
 POST /feedback stores a person's label for an earlier prediction: every label of a request
 or none (`FeedbackIntake.store`), the digit copied from the prediction log into the feedback
@@ -19,6 +20,7 @@ import numpy as np
 
 from mnist_mlops.digit_features import has_ink
 from mnist_mlops.records import feedback, prediction_log
+from mnist_mlops.serving import oip
 from mnist_mlops.serving.http import error_body, error_response
 from mnist_mlops.serving.inputs import DEFAULTS, FeedbackError, parse_feedback
 
@@ -154,7 +156,8 @@ def extra_app(max_feedback_items: int = DEFAULTS.max_feedback_items):
               Route("/feedback", take_feedback, methods=["POST"]),
               Route("/feedback/queue", label_queue, methods=["GET"]),
               Route("/predictions/{prediction_id}", lineage, methods=["GET"]),
-              Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"])]
+              Route("/ui", lambda _r: RedirectResponse("/ui/"), methods=["GET"]),
+              *oip.routes()]
     if UI_DIR.is_dir():
         routes.append(Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"))
     return Starlette(routes=routes)
