@@ -42,6 +42,9 @@ def test_the_tensor_form_round_trips_and_says_what_is_wrong() -> None:
         decode_tensor(encode_tensor(digits) | {"dtype": "int64"})
     with pytest.raises(ValueError, match="28×28"):
         parse_images(encode_tensor(np.zeros((2, 28, 27), np.uint8)))
+    # The contract tester's find: a dtype that is no string was a TypeError (a 500), not a 400.
+    with pytest.raises(ValueError, match="dtype must be uint8 or float32"):
+        decode_tensor({"base64": "", "dtype": {}, "shape": []})
 
 
 def test_binary_bodies_become_digits_or_one_line() -> None:
@@ -77,6 +80,9 @@ def test_an_infer_request_is_read_as_the_protocol_says() -> None:
     (lambda d: (infer_body(d, binary=False)[0].replace(b'"images"', b'"pixels"'), {}), "unknown input"),
     (lambda d: infer_body(d, binary=False, outputs=[{"name": "logits"}]), "unknown output"),
     (lambda d: (b"{not json", {}), "not JSON"),
+    (lambda d: infer_body(d, binary=False, outputs=[{"name": ["digit"]}]), "unknown output"),
+    (lambda d: (infer_body(d, binary=False)[0].replace(b'"UINT8"', b'["UINT8"]'), {}), "must be UINT8 or FP32"),
+    (lambda d: infer_body(d, binary=False, parameters=[1]), "'parameters' must be an object"),
     (lambda d: (infer_body(d)[0], {"Inference-Header-Content-Length": "99999999"}), "does not fit"),
 ])
 def test_a_bad_infer_request_gets_one_line(mangle, why: str) -> None:

@@ -94,7 +94,7 @@ def decode_tensor(value: dict) -> np.ndarray:
         raise _bad("a tensor 'images' is {\"dtype\": \"uint8\" or \"float32\", \"shape\": [n, 28, 28], "
                    "\"base64\": \"...\"}")
     dtype, shape, data = value["dtype"], value["shape"], value["base64"]
-    if dtype not in TENSOR_DTYPES:
+    if not isinstance(dtype, str) or dtype not in TENSOR_DTYPES:
         raise _bad(f"tensor dtype must be uint8 or float32, not {json.dumps(dtype)}")
     if (not isinstance(shape, list) or not shape or len(shape) > 4
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):

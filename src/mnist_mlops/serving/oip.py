@@ -87,6 +87,15 @@ def _header(body: bytes, header_length: bytes | None) -> tuple[dict, bytes]:
     return header, body[cut:]
 
 
+def _parameters(holder: dict, where: str) -> dict:
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadInference(f"{where}'s 'parameters' must be an object")
+    return params
+
+
 def _shape(tensor: dict) -> list[int]:
     shape = tensor.get("shape")
     if (not isinstance(shape, list) or len(shape) not in (3, 4)
@@ -105,11 +114,11 @@ def _input(header: dict, binary: bytes) -> np.ndarray:
     if tensor.get("name") != INPUT:
         raise BadInference(f"unknown input {json.dumps(tensor.get('name'))}: the model's input is '{INPUT}'")
     datatype = tensor.get("datatype")
-    if datatype not in INPUT_DTYPES:
+    if not isinstance(datatype, str) or datatype not in INPUT_DTYPES:
         raise BadInference(f"input '{INPUT}' must be UINT8 or FP32, got {json.dumps(datatype)}")
     shape, dtype = _shape(tensor), np.dtype(INPUT_DTYPES[datatype])
     count = int(np.prod(shape))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input '{INPUT}'").get("binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize:
             raise BadInference(f"binary_data_size {size} is not {count * dtype.itemsize} bytes "
@@ -141,8 +150,7 @@ def _json_data(data, shape: list[int], datatype: str) -> np.ndarray:
 
 
 def _outputs(header: dict) -> dict[str, bool]:
-    params = header.get("parameters") or {}
-    binary_all = params.get("binary_data_output") is True
+    binary_all = _parameters(header, "the request").get("binary_data_output") is True
     asked = header.get("outputs")
     if asked is None:
         return dict.fromkeys(OUTPUTS, binary_all)
@@ -150,10 +158,9 @@ def _outputs(header: dict) -> dict[str, bool]:
         raise BadInference("'outputs' must be a list of {\"name\": ...}")
     chosen = {}
     for out in asked:
-        if out.get("name") not in OUTPUTS:
-            raise BadInference(f"unknown output {json.dumps(out.get('name'))}: the outputs are "
-                               f"{', '.join(OUTPUTS)}")
-        chosen[out["name"]] = (out.get("parameters") or {}).get("binary_data", binary_all) is True
+        if not isinstance(name := out.get("name"), str) or name not in OUTPUTS:
+            raise BadInference(f"unknown output {json.dumps(name)}: the outputs are {', '.join(OUTPUTS)}")
+        chosen[name] = _parameters(out, f"output '{name}'").get("binary_data", binary_all) is True
     return chosen
 
 

@@ -10,7 +10,9 @@ Endpoints
 - GET  /model          which model answers (registered version, MLflow run id, data md5,
                        accuracy, loaded-at), the mode (follow / pinned), the last reload error.
 - GET  /ui/            the drawing page (static files from mnist_mlops/serving/ui/).
-- /healthz /livez /readyz /metrics (Prometheus) and the OpenAPI page at / — BentoML's own.
+- /v2/...              the Open Inference Protocol (KServe V2): health, metadata, infer (serving/oip).
+- /healthz /livez /readyz /metrics (Prometheus) and the OpenAPI page at / — BentoML's own; the
+  document it reads, /docs.json, is ours (serving/openapi: every endpoint, true schemas).
 
 Where the rest lives: input checks (inputs: bad input never reaches the model, and fails
 only its own request), the body limit, API key and `X-Prediction-Id` header (http: an ASGI
@@ -43,7 +45,7 @@ from mnist_mlops.platform.devices import configure_tensorflow
 from mnist_mlops.preprocess import to_uint8
 from mnist_mlops.records import feedback, prediction_log
 from mnist_mlops.scoring import load_keras
-from mnist_mlops.serving import routes, settings
+from mnist_mlops.serving import openapi, routes, settings
 from mnist_mlops.serving.follow import (
     ChampionFollower,
     LoadedModel,
@@ -222,4 +224,6 @@ class MnistClassifier:
         return Prediction(**self.predictions(x, "predict_image")[0])
 
 
-MnistClassifier.add_asgi_middleware(Guard, max_body_bytes=ARGS.max_body_bytes)
+MnistClassifier.add_asgi_middleware(
+    Guard, max_body_bytes=ARGS.max_body_bytes,
+    document=lambda: openapi.document(MnistClassifier.openapi_spec.asdict(), ModelInfo.model_json_schema()))
