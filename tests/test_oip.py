@@ -198,6 +198,26 @@ def test_predict_takes_raw_pixels_and_npy(served: Server, digits: np.ndarray) ->
     assert too_many.status_code == 400 and "too many images" in too_many.text
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_predict_command_sends_arrays_as_they_are(served: Server, digits: np.ndarray, tmp_path) -> None:
+    import subprocess
+
+    from helpers import BIN
+
+    expected_digits, _ = reference(served, digits[:5])
+    np.save(tmp_path / "five.npy", digits[:5])
+    proc = subprocess.run([str(BIN / "mnist-mlops"), "predict", "five.npy", "--url", served.url], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": str(BIN)})
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("│") for line in proc.stdout.splitlines() if "five.npy[" in line]
+    assert [int(r[2]) for r in rows] == expected_digits.tolist(), proc.stdout
+    np.save(tmp_path / "bad.npy", np.zeros((2, 28, 27), np.uint8))
+    bad = subprocess.run([str(BIN / "mnist-mlops"), "predict", "bad.npy", "--url", served.url], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": str(BIN)})
+    assert bad.returncode == 1 and "400" in bad.stdout and "28×28" in bad.stdout, bad.stdout
+
+
 def test_health_is_open_and_infer_is_keyed_like_predict(monkeypatch) -> None:
     """The real guard in front of a stand-in /predict: health open, metadata keyed, infer keyed
     unless predictions are opened (`serve --open-predict`)."""

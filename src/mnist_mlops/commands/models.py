@@ -192,10 +192,12 @@ def serve(
 
 
 def predict(
-    files: Annotated[list[Path], typer.Argument(help="PNG or JPEG digits.", exists=False)],
+    files: Annotated[list[Path], typer.Argument(help="PNG or JPEG digits, or .npy arrays of N×28×28 digits.",
+                                                exists=False)],
     url: Annotated[str, typer.Option(help="The running service.")] = "http://127.0.0.1:3000",
 ) -> None:
-    """Send images to a running service (`mnist-mlops serve`) and print what it sees."""
+    """Send images (or .npy arrays of digits) to a running service (`mnist-mlops serve`) and
+    print what it sees."""
     from mnist_mlops.serving.client import predict_files
 
     table = Table(title=f"mnist-mlops predict ({url})", title_justify="left")

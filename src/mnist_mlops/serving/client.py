@@ -35,8 +35,21 @@ def error_reason(resp) -> str:
     return resp.text[:200]
 
 
+def _answer(name: str, body: dict) -> Answer:
+    return Answer(name, int(body["digit"]), float(body["confidence"]), str(body["model_version"]),
+                  blank=bool(body.get("blank")))
+
+
+def _post(client, path: Path):
+    """An image to /predict_image; a `.npy` array of digits to /predict as it is (the fast path)."""
+    if path.suffix.lower() == ".npy":
+        return client.post("/predict", content=path.read_bytes(), headers={"Content-Type": "application/x-npy"})
+    return client.post("/predict_image", files={"image": (path.name, path.read_bytes())})
+
+
 def predict_files(url: str, files: list[Path], timeout: float = 60) -> Iterator[Answer]:
-    """POST each image to `/predict_image` (with $MNIST_MLOPS_API_KEY when set), in order."""
+    """POST each file (with $MNIST_MLOPS_API_KEY when set), in order: an image answers once, a
+    `.npy` array once per digit (`name[i]`)."""
     import httpx
 
     missing = [str(f) for f in files if not f.is_file()]
@@ -46,13 +59,13 @@ def predict_files(url: str, files: list[Path], timeout: float = 60) -> Iterator[
     with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
         for path in files:
             try:
-                resp = client.post("/predict_image", files={"image": (path.name, path.read_bytes())})
+                resp = _post(client, path)
             except httpx.HTTPError as exc:
                 raise UserError(f"no prediction service at {url} ({type(exc).__name__}): "
                                 "start one with `mnist-mlops serve`") from None
-            if resp.status_code == 200:
-                body = resp.json()
-                yield Answer(path.name, int(body["digit"]), float(body["confidence"]), str(body["model_version"]),
-                             blank=bool(body.get("blank")))
+            if resp.status_code == 200 and isinstance(body := resp.json(), list):
+                yield from (_answer(f"{path.name}[{i}]", b) for i, b in enumerate(body))
+            elif resp.status_code == 200:
+                yield _answer(path.name, body)
             else:
                 yield Answer(path.name, error=f"{resp.status_code}: {error_reason(resp)}")
