@@ -150,7 +150,7 @@ REGISTERED_METRICS = ("accuracy", "robust_accuracy", "foreign_accuracy", "foreig
 @task(name="promote")
 def promote(root: str, min_accuracy: float) -> Promoted:
     """Register the model the evaluate stage logged (once per trained model), then the champion gate."""
-    from mnist_mlops import registry
+    from mnist_mlops import litert, registry
     from mnist_mlops.platform.tracking import setup_mlflow
     from mnist_mlops.training import foreign
     from mnist_mlops.training.evaluate import TAG_MODEL_URI, training_run
@@ -164,6 +164,7 @@ def promote(root: str, min_accuracy: float) -> Promoted:
     run_id = run.info.run_id
     version = registry.register(run_id, run.data.tags[TAG_MODEL_URI], evaluated["weights_md5"],
                                 evaluated["version_tags"])
+    litert.attach(version)  # the file a CPU worker serves without TensorFlow (once per version)
     params = load_params(paths.root)
     test, fb, robust = test_split(paths, params), feedback_slice(paths, params), gate_slice(paths, params)
     alien = foreign.gate_slice(paths, params)

@@ -77,7 +77,8 @@ def test_health_endpoints(server: Server) -> None:
 def test_the_serve_command_only_supervises(server: Server) -> None:
     """`mnist-mlops serve` waits for its server for as long as it runs: it finds the champion's
     Bento in a short-lived child, so it never loads MLflow (protobuf's native code), BentoML's
-    stack or TensorFlow, which the server's own processes do."""
+    stack or TensorFlow. On a CPU host no process of the tree loads TensorFlow: the worker
+    answers with LiteRT (mnist_mlops.litert)."""
     import psutil
 
     leader = psutil.Process(server.proc.pid)
@@ -89,8 +90,10 @@ def test_the_serve_command_only_supervises(server: Server) -> None:
         return Path(f"/proc/{pid}/maps").read_text()
 
     assert "google/_upb" not in native(cli[0].pid) and "tensorflow" not in native(cli[0].pid)
-    workers = [p for p in tree if "tensorflow" in native(p.pid)]
-    assert workers, "the server's worker loads TensorFlow: the check above would see it"
+    assert not [p.cmdline() for p in tree if "site-packages/tensorflow/" in native(p.pid)]
+    workers = [p for p in tree if "site-packages/ai_edge_litert/" in native(p.pid)]
+    assert len(workers) == 1, "the worker runs LiteRT: the checks above would see TensorFlow's files as they see its"
+    assert server.client.get("/model").json()["runtime"] == "litert"
 
 
 def test_openapi_page_and_spec(server: Server) -> None:

@@ -1,7 +1,8 @@
 """Follow the champion: every worker watches the registry alias and swaps models without a restart.
 
 TensorFlow Serving's availability-preserving policy, on one machine: a new champion is
-loaded *beside* the one answering (Keras safe mode), its `tf.function` traced, and a canary
+loaded *beside* the one answering (its LiteRT file, mnist_mlops.litert; or, on a GPU host or
+for a version without one, the Keras file in safe mode, its `tf.function` traced), and a canary
 run on labelled digits shipped with the service (`canary.npz`); only a version whose canary
 score is consistent with its own recorded accuracy and the floor replaces the reference the
 request path reads, in one assignment. A request therefore meets either the old model or the
@@ -53,6 +54,7 @@ class LoadedModel:
     run_id: str
     forward: Callable[[np.ndarray], np.ndarray]
     source: str
+    runtime: str = "tensorflow"  # or "litert" (mnist_mlops.litert)
     data_md5: str | None = None
     test_accuracy: float | None = None
     canary_accuracy: float | None = None
@@ -144,17 +146,22 @@ def load_version(version: str, min_accuracy: float | None) -> LoadedModel:
     """
     import mlflow
 
+    from mnist_mlops import litert
     from mnist_mlops.scoring import load_keras
+    from mnist_mlops.serving.settings import model_runtime
 
     client = mlflow.MlflowClient()
     try:
         mv = client.get_model_version(MODEL_NAME, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/{version}"))
+        runtime = model_runtime() if mv.tags.get(litert.TAG) else "tensorflow"
+        local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=mv.tags[litert.TAG])
+                     if runtime == "litert" else
+                     mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/{version}"))
     except Exception as exc:  # noqa: BLE001 - the store or its artifacts did not answer: try again later
         raise ReloadError(f"v{version} cannot be fetched now: {first_line(exc, named=True)}", transient=True) from None
     try:
-        model = load_keras(local / KERAS_IN_MLFLOW_MODEL)
-        forward = compile_forward(model)
+        forward = (litert.Forward.from_file(local) if runtime == "litert"
+                   else compile_forward(load_keras(local / KERAS_IN_MLFLOW_MODEL)))
     except Exception as exc:  # noqa: BLE001 - any failure to load the file means: not servable
         raise ReloadError(f"v{version} cannot be loaded: {first_line(exc, named=True)}") from None
     tags = mv.tags
@@ -164,7 +171,8 @@ def load_version(version: str, min_accuracy: float | None) -> LoadedModel:
     if why := canary_verdict(str(version), correct, n, recorded, floor):
         raise ReloadError(why)
     return LoadedModel(version=str(version), run_id=str(mv.run_id), forward=forward, source="registry",
-                       data_md5=tags.get("data.md5"), canary_accuracy=correct / n, test_accuracy=recorded)
+                       runtime=runtime, data_md5=tags.get("data.md5"), canary_accuracy=correct / n,
+                       test_accuracy=recorded)
 
 
 def champion_version() -> str:

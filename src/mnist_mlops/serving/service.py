@@ -24,8 +24,9 @@ Every prediction carries a `prediction_id` and is recorded in the prediction log
 turns that off. Modes: `mnist-mlops serve` *follows* the registry's champion alias by default
 and swaps models without a restart; `--pin VERSION` serves one registered version; a Bento
 served as built (`bentoml serve`, a container) serves its own model. Each worker does this by
-itself. Inference runs through one `tf.function` traced once for any batch size, never
-`model.predict` (~50 ms a call).
+itself. Inference: on a CPU host the version's LiteRT file (mnist_mlops.litert: the worker never
+imports TensorFlow); on a GPU host, or for a version without one, one `tf.function` traced once
+for any batch size, never `model.predict` (~50 ms a call).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pydantic import BaseModel, Field
 
 from mnist_mlops.config import MODEL_NAME
 from mnist_mlops.digit_features import has_ink
-from mnist_mlops.platform.devices import configure_tensorflow
+from mnist_mlops.platform.devices import configure_tensorflow, gpu_count
 from mnist_mlops.preprocess import to_uint8
 from mnist_mlops.records import feedback, prediction_log
 from mnist_mlops.scoring import load_keras
@@ -86,6 +87,7 @@ class ModelInfo(BaseModel):
     test_accuracy: float | None = None
     canary_accuracy: float | None = Field(None, description="its score on the canary digits when swapped in")
     source: str = Field(description="registry (loaded from MLflow) or `bento <tag>` (the Bento's own model)")
+    runtime: str = Field(description="litert (the version's LiteRT file, on CPU) or tensorflow")
     loaded_at: str
     mode: str = Field(description="follow: swaps to each new champion; pinned: serves one version")
     champion_version: str | None = Field(None, description="the version the champion alias names (follow mode)")
@@ -106,7 +108,8 @@ class MnistClassifier:
     def __init__(self) -> None:
         logging.getLogger("mnist_mlops").setLevel(logging.INFO)  # BentoML's root level would hide model swaps
         settings.refuse_anonymous_exposure(logger)
-        self.device = configure_tensorflow()
+        # TensorFlow only where it serves: a GPU host. On CPU, LiteRT (mnist_mlops.litert) answers.
+        self.device = configure_tensorflow() if gpu_count() else "cpu"
         self.env = settings.runtime(ARGS)
         self.mode = "follow" if self.env.follow else "pinned"
         # The floor: evaluate.min_accuracy (`mnist-mlops serve` sets it); without it, each
@@ -180,6 +183,7 @@ class MnistClassifier:
         a, f = self.active, self.follower
         return ModelInfo(model_name=MODEL_NAME, model_version=a.version, run_id=a.run_id, data_md5=a.data_md5,
                          test_accuracy=a.test_accuracy, canary_accuracy=a.canary_accuracy, source=a.source,
+                         runtime=a.runtime,
                          loaded_at=a.loaded_at, mode=self.mode, last_reload_error=f.state.last_error if f else None,
                          registry_reachable=f.state.registry_reachable if f else None,
                          champion_version=f.state.champion if f else None,

@@ -33,6 +33,9 @@ FEEDBACK_DIR_ENV = FEEDBACK_ENV                    # the feedback store (else ./
 API_KEY_ENV = "MNIST_MLOPS_API_KEY"                # set: every path but the open ones needs it
 ALLOW_ANONYMOUS_ENV = "MNIST_MLOPS_ALLOW_ANONYMOUS_FEEDBACK"  # "1": beyond loopback without a key (warns)
 OPEN_PREDICT_ENV = "MNIST_MLOPS_OPEN_PREDICT"      # "1": /predict and /predict_image need no key (the rest do)
+# auto (the default): LiteRT on a CPU host for a version that has it, TensorFlow on a GPU host;
+# `tensorflow` or `litert` chooses (a version without a LiteRT file is served by TensorFlow).
+RUNTIME_ENV = "MNIST_MLOPS_RUNTIME"
 # Benchmarks only: answer without running the model, to measure the HTTP stack's ceiling.
 NOOP_MODEL_ENV = "MNIST_MLOPS_NOOP_MODEL"
 
@@ -94,6 +97,16 @@ def runtime(args: ServeArgs, environ: Mapping[str, str] = os.environ) -> Runtime
         feedback_dir=Path(environ.get(FEEDBACK_DIR_ENV) or "feedback").resolve(),
         noop_model=environ.get(NOOP_MODEL_ENV) == "1",
     )
+
+
+def model_runtime(environ: Mapping[str, str] = os.environ) -> str:
+    """What runs a version that has a LiteRT file: `litert` or `tensorflow` (see RUNTIME_ENV)."""
+    chosen = environ.get(RUNTIME_ENV, "auto")
+    if chosen not in ("auto", "litert", "tensorflow"):
+        raise ValueError(f"{RUNTIME_ENV} must be auto, litert or tensorflow, not {chosen!r}")
+    if chosen == "auto":
+        return "tensorflow" if gpu_count() else "litert"
+    return chosen
 
 
 def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
