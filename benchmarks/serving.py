@@ -163,6 +163,21 @@ def rollout(url: str, body: Path, script: Path, connections: int, versions: tupl
     return result["wrk"] | {"switch_s": switch}
 
 
+def litert_images_per_s(keras_file: str, batch: np.ndarray, seconds: float = 5.0) -> float:
+    """The same model as the CPU worker runs it (mnist_mlops.litert), in this process."""
+    import keras
+
+    from mnist_mlops import litert
+
+    forward = litert.Forward(litert.export(keras.models.load_model(keras_file, safe_mode=True, compile=False)))
+    forward(batch)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=None, help="project dir (default: the current one)")
@@ -273,7 +288,8 @@ def main() -> None:
             wrk(f"{url}/invocations", one_mlflow, script, 3, c)
             results["b"] = wrk(f"{url}/invocations", one_mlflow, script, args.duration, c)
     batch = normalize(digits[np.arange(256) % len(digits)])
-    inproc = in_process_images_per_s(keras_file, batch)
+    inproc_tf, inproc_lite = in_process_images_per_s(keras_file, batch), litert_images_per_s(keras_file, batch)
+    inproc = max(inproc_tf, inproc_lite)  # the ratios below use the faster of the two
 
     names = {"a": "(a) BentoML service (this)", "b": "(b) mlflow models serve",
              "c": "(c) same stack, no-op model", "f": "(f) (a) following the champion",
@@ -294,7 +310,8 @@ def main() -> None:
     raw = results["a256b"]
     print(f"{'(a) BentoML service, raw bytes':<32} {raw['images_per_s']:>9.0f}   "
           f"(errors {raw['errors']}, p99 {raw['p99'] * 1e3:.0f} ms)")
-    print(f"{'in-process batched inference':<32} {inproc:>9.0f}")
+    print(f"{'in-process batched, TensorFlow':<32} {inproc_tf:>9.0f}")
+    print(f"{'in-process batched, LiteRT':<32} {inproc_lite:>9.0f}")
 
     def check(ok: bool) -> str:
         return "ok" if ok else "MISSED"
