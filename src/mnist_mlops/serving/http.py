@@ -48,11 +48,9 @@ def error_response(status: int, kind: str, message: str, loc: str = "body"):
 PREDICTION_ID = re.compile(rb'"prediction_id":\s*"([0-9a-f]{28})"')
 
 
-def with_prediction_id_header(send):
-    """Wrap an ASGI `send`: a response holding exactly one prediction gets `X-Prediction-Id`.
-
-    The response start is held until the body is complete (a prediction's body is small).
-    """
+def buffered(send, rewrite):
+    """Wrap an ASGI `send`: hold the response until its body is complete, then send what
+    `rewrite(start, body)` makes of it (a start message and the whole body). Small bodies only."""
     start: dict | None = None
     chunks: list[bytes] = []
 
@@ -66,15 +64,23 @@ def with_prediction_id_header(send):
         chunks.append(message.get("body", b""))
         if message.get("more_body"):
             return
-        body = b"".join(chunks)
-        ids = PREDICTION_ID.findall(body) if start.get("status") == 200 else []
-        if len(ids) == 1:
-            start = {**start, "headers": [*start.get("headers", []), (b"x-prediction-id", ids[0])]}
-        await send(start)
+        new_start, body = rewrite(start, b"".join(chunks))
         start = None
+        await send(new_start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return wrapped
+
+
+def with_prediction_id_header(send):
+    """Wrap an ASGI `send`: a response holding exactly one prediction gets `X-Prediction-Id`."""
+    def add_id(start: dict, body: bytes) -> tuple[dict, bytes]:
+        ids = PREDICTION_ID.findall(body) if start.get("status") == 200 else []
+        if len(ids) == 1:
+            start = {**start, "headers": [*start.get("headers", []), (b"x-prediction-id", ids[0])]}
+        return start, body
+
+    return buffered(send, add_id)
 
 
 # --------------------------------------------------------------------------- the guard
@@ -221,7 +227,7 @@ class Guard:
         except oip.BadInference as exc:
             refusal = Response(oip.error(str(exc)), exc.status, media_type="application/json")
             return await refusal(scope, receive, send)
-        await self.as_predict(request.images, scope, receive, oip.responding(request, send))
+        await self.as_predict(request.images, scope, receive, buffered(send, oip.rewriting(request)))
 
     @staticmethod
     async def unexpected_files(scope, receive) -> str | None:

@@ -220,28 +220,15 @@ def infer_response(request: InferRequest, status: int, predict_body: bytes) -> t
     return 200, headers, b"".join([head, *chunks])
 
 
-def responding(request: InferRequest, send):
-    """Wrap an ASGI `send`: /predict's whole answer, rewritten by `infer_response`."""
-    start: dict | None = None
-    chunks: list[bytes] = []
-
-    async def wrapped(message) -> None:
-        nonlocal start
-        if message["type"] == "http.response.start":
-            start = message
-            return
-        if message["type"] != "http.response.body" or start is None:
-            return await send(message)
-        chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        status, headers, body = infer_response(request, start["status"], b"".join(chunks))
+def rewriting(request: InferRequest):
+    """What `http.buffered` makes of /predict's whole answer: the inference response."""
+    def infer_answer(start: dict, predict_body: bytes) -> tuple[dict, bytes]:
+        status, headers, body = infer_response(request, start["status"], predict_body)
         kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*kept, *headers.items(), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return {"type": "http.response.start", "status": status,
+                "headers": [*kept, *headers.items(), (b"content-length", str(len(body)).encode())]}, body
 
-    return wrapped
+    return infer_answer
 
 
 # --------------------------------------------------------------------------- health and metadata
