@@ -67,3 +67,44 @@ def test_bentoml_still_takes_the_prometheus_dir_from_the_setting_we_set(tmp_path
         from bentoml._internal.configuration.containers import BentoMLContainer
 
         BentoMLContainer.prometheus_multiproc_dir.reset()
+
+
+def test_mlflow_sqlite_schema_still_answers_the_quick_registry_reads(tmp_path) -> None:
+    """platform.sqlite_registry reads MLflow's own tables (`serve` starts 4.5 s sooner): on a
+    real store, it must give what MlflowClient gives, and None where MlflowClient has nothing."""
+    import mlflow
+
+    from mnist_mlops.platform import sqlite_registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("contract")
+    runs = [client.create_run(experiment).info.run_id for _ in range(3)]
+    client.create_registered_model("m")
+    versions = [client.create_model_version("m", f"runs:/{run}/model", run_id=run).version for run in runs]
+    client.set_registered_model_alias("m", "champion", versions[1])
+    client.delete_model_version("m", versions[2])
+    found = client.get_model_version_by_alias("m", "champion")
+    assert sqlite_registry.alias_run(uri, "m", "champion") == (str(found.version), found.run_id), \
+        "mlflow changed its schema: fix platform/sqlite_registry.py"
+    assert sqlite_registry.version_run(uri, "m", versions[0]) == (str(versions[0]), runs[0])
+    assert sqlite_registry.version_run(uri, "m", versions[2]) is None  # deleted
+    assert sqlite_registry.alias_run(uri, "m", "challenger") is None
+    assert sqlite_registry.alias_run(uri, "other", "champion") is None
+    client.delete_registered_model_alias("m", "champion")
+    assert sqlite_registry.alias_run(uri, "m", "champion") is None
+
+
+def test_bentoml_still_keeps_bentos_where_the_quick_start_looks(tmp_path, monkeypatch) -> None:
+    """serving.package.bento_store: `$BENTOML_HOME/bentos`, which BentoML documents as its store
+    (asked in a fresh process: this one's BentoML settings were read under another home)."""
+    import subprocess
+    import sys
+
+    from mnist_mlops.serving.package import bento_store
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    code = ("from bentoml._internal.configuration.containers import BentoMLContainer as c; "
+            "print(c.bento_store_dir.get())")
+    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert theirs == str(bento_store()) == str(tmp_path / "home" / "bentos"), "bentoml changed: fix bento_store"

@@ -76,7 +76,7 @@ def test_health_endpoints(server: Server) -> None:
 
 def test_the_serve_command_only_supervises(server: Server) -> None:
     """`mnist-mlops serve` waits for its server for as long as it runs: it finds the champion's
-    Bento in a short-lived child, so it never loads MLflow (protobuf's native code), BentoML's
+    Bento in the sqlite store or a short-lived child, so it never loads MLflow (protobuf's native code), BentoML's
     stack or TensorFlow. On a CPU host no process of the tree loads TensorFlow: the worker
     answers with LiteRT (mnist_mlops.litert)."""
     import psutil
@@ -94,6 +94,29 @@ def test_the_serve_command_only_supervises(server: Server) -> None:
     workers = [p for p in tree if "site-packages/ai_edge_litert/" in native(p.pid)]
     assert len(workers) == 1, "the worker runs LiteRT: the checks above would see TensorFlow's files as they see its"
     assert server.client.get("/model").json()["runtime"] == "litert"
+
+
+def test_serve_reads_the_champions_bento_at_once(trained_project: Project, monkeypatch, tmp_path) -> None:
+    """`serve` finds the champion's Bento from the sqlite store and the Bento store's folder, with
+    neither MLflow nor BentoML imported (serving.package.quick_serve_command): the very command,
+    environment and tag that asking them gives. Where it cannot tell, it says None, and the
+    child asks MLflow (and builds a missing Bento)."""
+    from mnist_mlops.serving.package import quick_serve_command, serve_command
+
+    trained_project.use_env(monkeypatch)
+    root, champion = trained_project.root, trained_project.mlflow_client().get_model_version_by_alias(
+        "mnist-convnet", "champion")
+    for pin in (None, str(champion.version)):
+        quick = quick_serve_command(root, "127.0.0.1", 3000, pin, tmp_path)
+        asked = serve_command(root, "127.0.0.1", 3000, pin, tmp_path)
+        assert quick is not None and (quick[0], quick[2]) == (asked[0], asked[2]), pin
+        assert {k: v for k, v in quick[1].items() if asked[1].get(k) != v} == {}, pin
+        assert set(asked[1]) == set(quick[1]), set(asked[1]) ^ set(quick[1])
+    assert quick_serve_command(root, "127.0.0.1", 3000, "999", tmp_path) is None  # the child's one line
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "no-bentos"))
+    assert quick_serve_command(root, "127.0.0.1", 3000, None, tmp_path) is None  # the child builds it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert quick_serve_command(root, "127.0.0.1", 3000, None, tmp_path) is None  # not a sqlite store
 
 
 def test_openapi_page_and_spec(server: Server) -> None:

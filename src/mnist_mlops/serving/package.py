@@ -134,6 +134,52 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
     following the champion alias by default, or pinned to `pin`; its Prometheus files in
     `metrics_dir`, this serve's own (see serving/launch.py). Returns (cmd, env, Bento tag)."""
     from mnist_mlops import registry
+
+    root = Path(root).resolve()
+    try:
+        tag = champion_bento(root)
+    except UserError as exc:
+        if not str(exc).startswith("no Bento"):
+            raise
+        on_build(f"{exc}; building it now")
+        tag = package_champion(root)["bento"]
+    if pin is not None:
+        registry.get_version(pin)  # one line if there is no such version
+    return launch_command(tag, host, port, metrics_dir), serve_env(root, pin, metrics_dir), tag
+
+
+def quick_serve_command(root: Path, host: str, port: int, pin: str | None,
+                        metrics_dir: Path) -> tuple[list[str], dict[str, str], str] | None:
+    """`serve_command`'s answer without MLflow or BentoML, read from the project's sqlite store
+    and the Bento store's folder; None whenever they cannot tell (another store, no Bento yet,
+    an unknown version): then `serve_command` answers, with its one-line errors and its build."""
+    from mnist_mlops.config import tracking_uri
+    from mnist_mlops.platform import sqlite_registry
+
+    root = Path(root).resolve()
+    uri = tracking_uri(root)
+    champion = sqlite_registry.alias_run(uri, MODEL_NAME, CHAMPION_ALIAS)
+    if champion is None or (pin is not None and sqlite_registry.version_run(uri, MODEL_NAME, pin) is None):
+        return None
+    version = tag_version({"model_version": champion[0], "run_id": champion[1]})
+    if not (bento_store() / BENTO_NAME / version / "bento.yaml").is_file():
+        return None
+    tag = f"{BENTO_NAME}:{version}"
+    return launch_command(tag, host, port, metrics_dir), serve_env(root, pin, metrics_dir), tag
+
+
+def bento_store() -> Path:
+    """Where BentoML keeps built Bentos: `$BENTOML_HOME/bentos` (default ~/bentoml)."""
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "bentos"
+
+
+def launch_command(tag: str, host: str, port: int, metrics_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "mnist_mlops.serving.launch", str(metrics_dir),
+            "serve", tag, "--host", host, "--port", str(port)]
+
+
+def serve_env(root: Path, pin: str | None, metrics_dir: Path) -> dict[str, str]:
+    """The service's environment: the store, the `serve` params, follow or pin, its metrics folder."""
     from mnist_mlops.config import Paths, tracking_uri
     from mnist_mlops.serving.settings import (
         FEEDBACK_DIR_ENV,
@@ -146,18 +192,8 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
         PIN_ENV,
     )
 
-    root = Path(root).resolve()
     params = load_params(root)
-    try:
-        tag = champion_bento(root)
-    except UserError as exc:
-        if not str(exc).startswith("no Bento"):
-            raise
-        on_build(f"{exc}; building it now")
-        tag = package_champion(root)["bento"]
-    if pin is not None:
-        registry.get_version(pin)  # one line if there is no such version
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "MLFLOW_REGISTRY_URI": tracking_uri(root),
            MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
            FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds),
            # The log and the labels live in the project (unless the environment says where).
@@ -167,17 +203,18 @@ def serve_command(root: Path, host: str, port: int, pin: str | None, metrics_dir
            LOG_MAX_MB_ENV: repr(params.serve.log_max_mb)}
     if env["MLFLOW_TRACKING_URI"].startswith("sqlite"):  # a fresh connection per poll: a moved or
         env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # restored file is seen at once
+    env.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as setup_mlflow: no URL, credentials and all
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # the training experiment, as setup_mlflow left it: the service logs no runs
     env.pop(FOLLOW_ENV if pin else PIN_ENV, None)
     env.update({PIN_ENV: str(pin)} if pin else {FOLLOW_ENV: "1"})
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    cmd = [sys.executable, "-m", "mnist_mlops.serving.launch", str(metrics_dir),
-           "serve", tag, "--host", host, "--port", str(port)]
-    return cmd, env, tag
+    return env
 
 
 def serve_command_apart(root: Path, host: str, port: int, pin: str | None,
                         metrics_dir: Path) -> tuple[list[str], dict[str, str], str]:
-    """`serve_command`, worked out by a short-lived child process (`main` below).
+    """`serve_command`, read at once when it can be (`quick_serve_command`), else worked out by
+    a short-lived child process (`main` below).
 
     Finding (or building) the champion's Bento needs BentoML and MLflow: ~240 MiB that the
     `mnist-mlops serve` process would then hold for the server's whole life while it only
@@ -188,6 +225,8 @@ def serve_command_apart(root: Path, host: str, port: int, pin: str | None,
 
     from mnist_mlops.platform.processes import run_in_foreground, stop_requested
 
+    if (quick := quick_serve_command(root, host, port, pin, metrics_dir)) is not None:
+        return quick
     with tempfile.TemporaryDirectory(prefix="mnist-mlops-serve-") as tmp:
         answer_file = Path(tmp) / "serve.json"
         code = run_in_foreground([sys.executable, "-m", "mnist_mlops.serving.package", str(answer_file),
