@@ -1,5 +1,5 @@
 """The loop's records under hostile load: label lookups on a large prediction log, and the
-memory four huge uploads at once cost a worker.
+memory four huge uploads at once cost a worker, and what the prediction log's writer costs.
 
     python benchmarks/records.py [--predictions 30000] [--ids 1000]
 
@@ -11,6 +11,10 @@ memory four huge uploads at once cost a worker.
    runs `/predict_image`), in a fresh process each: the worker's RSS growth with the upload
    conversion as it is, against the conversion without the early shrink (the baseline).
    Target: ≤ 300 MiB added.
+3. The prediction log's writer thread, on one flush of 256 single-digit requests (as a busy
+   worker queues them): baseline, one append (two fsyncs) per request, as it wrote before;
+   now, `PredictionLog.flush` (the whole flush as one append, numbers rounded per batch).
+   The thread runs beside the request path, on the same two cores: no target, the ratio.
 Prints a table; not a test; exits 0.
 """
 
@@ -131,6 +135,34 @@ def uploads() -> list[list[str]]:
     return rows
 
 
+def flush_ms(per_request: bool, requests: int = 256, repeats: int = 5) -> float:
+    """Milliseconds one flush of `requests` queued single-digit requests takes."""
+    from mnist_mlops.records.prediction_log import PredictionLog, new_ids
+
+    rng = np.random.default_rng(0)
+    log = PredictionLog(Path(tempfile.mkdtemp(prefix="bench-log-")), 500, flush_seconds=3600)
+    write = log._write
+    if per_request:  # the baseline: each request's records appended (and fsynced) on their own
+        log._write = lambda pending: [write([entry]) for entry in pending]
+    total = 0.0
+    for _ in range(repeats):
+        for _ in range(requests):
+            log.record(new_ids(1), "predict", "1", rng.dirichlet(np.ones(10), 1).astype(np.float32),
+                       rng.random((1, 28, 28, 1), dtype=np.float32))
+        start = time.perf_counter()
+        log.flush()
+        total += time.perf_counter() - start
+    log.close()
+    return total / repeats * 1000
+
+
+def flushes() -> list[list[str]]:
+    before, now = flush_ms(True), flush_ms(False)
+    return [["log flush of 256 single-digit requests: one append each (before)", f"{before:.1f} ms", "", ""],
+            ["log flush of 256 single-digit requests: one append (now)", f"{now:.1f} ms",
+             f"{before / now:.1f}× less", "—"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--predictions", type=int, default=30_000)
@@ -141,7 +173,7 @@ def main() -> None:
         print(json.dumps({"mib": upload_growth(args.upload_variant)}))
         return
     print_table("the loop's records under load", ["measure", "value", "vs before", "target"],
-                lookups(args.predictions, args.ids) + uploads())
+                lookups(args.predictions, args.ids) + uploads() + flushes())
 
 
 if __name__ == "__main__":

@@ -162,6 +162,38 @@ def test_prediction_log_records_what_the_model_saw_and_reads_a_window(tmp_path: 
     assert abs(prediction_log.id_time(ids[0]) - time.time()) < 60
 
 
+def test_one_flush_of_many_requests_keeps_each_record_with_its_digit(tmp_path: Path) -> None:
+    """The writer joins everything queued into one append (two fsyncs a flush, not a request):
+    requests of 1, 4 and 2 digits, from two versions and endpoints, in 28×28×1 and 784 shapes,
+    each record keeps its own id, answer, probabilities and digit."""
+    log = prediction_log.PredictionLog(tmp_path, max_mb=1, flush_seconds=3600)
+    imgs = digits(7)
+    x = imgs.astype(np.float32) / 255
+    labels = [3, 1, 4, 1, 5, 9, 2]
+    probs = np.full((7, 10), 0.01, np.float32)
+    probs[np.arange(7), labels] = 0.91
+    ids = prediction_log.new_ids(7)
+    appends = []
+    append = log.writer.append
+    log.writer.append = lambda records, images: (appends.append(len(records)), append(records, images))
+    for lo, hi, version, endpoint, shape in ((0, 1, "1", "predict", (-1, 28, 28, 1)),
+                                             (1, 5, "2", "predict_image", (-1, 28, 28, 1)),
+                                             (5, 7, "2", "predict", (-1, 784))):
+        log.record(ids[lo:hi], endpoint, version, probs[lo:hi], x[lo:hi].reshape(shape))
+    log.flush()
+    assert appends == [7]  # one append (so two fsyncs) for the three requests
+    batch = prediction_log.read_window(tmp_path)
+    log.close()
+    assert [r["prediction_id"] for r in batch.records] == ids
+    assert [r["digit"] for r in batch.records] == labels
+    assert [r["model_version"] for r in batch.records] == ["1", "2", "2", "2", "2", "2", "2"]
+    assert [r["endpoint"] for r in batch.records][:2] == ["predict", "predict_image"]
+    assert [r["row"] for r in batch.records] == list(range(7)) and np.array_equal(batch.images, imgs)
+    assert all(r["probabilities"][d] == pytest.approx(0.91) and r["confidence"] == pytest.approx(0.91)
+               for r, d in zip(batch.records, labels, strict=True))
+    assert all(abs(r["ink"] - (i > 127).mean()) < 1e-3 for r, i in zip(batch.records, imgs, strict=True))
+
+
 def test_the_newest_label_of_a_digit_wins(tmp_path: Path) -> None:
     store = feedback.FeedbackStore(tmp_path)
     a, b = digits(2)
