@@ -36,8 +36,9 @@ def _scope(db: sqlite3.Connection, table: str, alias: str) -> str:
     return f"AND {alias}.workspace = '{DEFAULT_WORKSPACE}'" if "workspace" in columns else ""
 
 
-def _read(uri: str, query: str, args: tuple) -> tuple | None:
-    """One row of a read-only query on the store at `uri`; None if there is none, or no answer."""
+def _read(uri: str, query: str, args: tuple) -> tuple[str, str] | None:
+    """The (version, run id) row of a read-only query on the store at `uri`; None if there is
+    none, or no answer."""
     path = store_path(uri)
     if path is None or not path.is_file() or os.environ.get("MLFLOW_WORKSPACE"):
         return None
@@ -45,20 +46,19 @@ def _read(uri: str, query: str, args: tuple) -> tuple | None:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
             scoped = query.format(scope=_scope(db, "model_versions", "v"),
                                   alias_scope=_scope(db, "registered_model_aliases", "a"))
-            return db.execute(scoped, args).fetchone()
+            row = db.execute(scoped, args).fetchone()
     except sqlite3.Error:
         return None
+    return (str(row[0]), str(row[1])) if row else None
 
 
 def version_run(uri: str, model: str, version: str) -> tuple[str, str] | None:
     """(version, run id) of a registered version, or None (not there, or not readable here)."""
-    row = _read(uri, _VERSION + " AND v.version = ?", (model, DELETED_STAGE, version))
-    return (str(row[0]), str(row[1])) if row else None
+    return _read(uri, _VERSION + " AND v.version = ?", (model, DELETED_STAGE, version))
 
 
 def alias_run(uri: str, model: str, alias: str) -> tuple[str, str] | None:
     """(version, run id) the alias names, or None (no such alias, or not readable here)."""
     query = (_VERSION + " AND v.version = (SELECT a.version FROM registered_model_aliases a "
              "WHERE a.name = ? AND a.alias = ? {alias_scope})")
-    row = _read(uri, query, (model, DELETED_STAGE, model, alias))
-    return (str(row[0]), str(row[1])) if row else None
+    return _read(uri, query, (model, DELETED_STAGE, model, alias))

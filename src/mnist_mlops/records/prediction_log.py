@@ -82,8 +82,8 @@ class PredictionLog:
             self._write(pending)
 
     def _write(self, pending: list) -> None:
-        """All that is queued as one append (two fsyncs a flush, not two a request: a flush of
-        256 single-digit requests took 206 ms that way, 13 now), the numbers rounded per batch."""
+        """All that is queued as one append: two fsyncs a flush, not two a request (a flush of
+        256 single-digit requests, benchmarks/records.py: 233 ms that way, 14 now)."""
         if not pending:
             return
         meta = [m for entry, _ in pending for m in entry]
@@ -91,10 +91,9 @@ class PredictionLog:
             probs = np.concatenate([np.asarray(p, np.float32).reshape(-1, 10) for _, (p, _) in pending])
             images = np.concatenate([to_uint8(x) for _, (_, x) in pending])
             digits = probs.argmax(axis=1)
-            confidence = np.round(probs[np.arange(len(probs)), digits].astype(np.float64), 6).tolist()
             rounded = np.round(probs.astype(np.float64), 6).tolist()
-            for m, d, c, p, f in zip(meta, digits.tolist(), confidence, rounded, feature_records(images), strict=True):
-                m.update(digit=d, confidence=c, probabilities=p, **f)
+            for m, d, p, f in zip(meta, digits.tolist(), rounded, feature_records(images), strict=True):
+                m.update(digit=d, confidence=p[d], probabilities=p, **f)
             self.writer.append(meta, images)
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop predictions
             logger.warning("prediction log: %d records not written: %s", len(meta), exc)

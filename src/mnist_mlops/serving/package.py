@@ -161,10 +161,10 @@ def quick_serve_command(root: Path, host: str, port: int, pin: str | None,
     champion = sqlite_registry.alias_run(uri, MODEL_NAME, CHAMPION_ALIAS)
     if champion is None or (pin is not None and sqlite_registry.version_run(uri, MODEL_NAME, pin) is None):
         return None
-    version = tag_version({"model_version": champion[0], "run_id": champion[1]})
-    if not (bento_store() / BENTO_NAME / version / "bento.yaml").is_file():
+    info = {"model_version": champion[0], "run_id": champion[1]}
+    if not (bento_store() / BENTO_NAME / tag_version(info) / "bento.yaml").is_file():
         return None
-    tag = f"{BENTO_NAME}:{version}"
+    tag = bento_tag(info)
     return launch_command(tag, host, port, metrics_dir), serve_env(root, pin, metrics_dir), tag
 
 
@@ -192,8 +192,8 @@ def serve_env(root: Path, pin: str | None, metrics_dir: Path) -> dict[str, str]:
         PIN_ENV,
     )
 
-    params = load_params(root)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "MLFLOW_REGISTRY_URI": tracking_uri(root),
+    params, uri = load_params(root), tracking_uri(root)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
            MIN_ACCURACY_ENV: repr(params.evaluate.min_accuracy),
            FOLLOW_SECONDS_ENV: repr(params.serve.follow_seconds),
            # The log and the labels live in the project (unless the environment says where).
